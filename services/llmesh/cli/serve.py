@@ -1,0 +1,71 @@
+"""`llmesh serve <service>`: run one service in this process until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llmesh.common.config import LlmeshConfig, WorkerConfig
+from llmesh.common.server import run
+
+SERVICES = ("model", "registry", "auth", "scheduler", "worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("service", choices=SERVICES, help="which service to run ('model' is the gateway)")
+    parser.add_argument("--listen", help="host:port to listen on (default: from the config's server section)")
+    parser.add_argument("--worker-id", help="worker: which `workers:` entry to run (default: the first)")
+    parser.add_argument("--data-dir", type=Path, default=Path(".llmesh"), help="SQLite file location")
+    parser.add_argument("--ready-file", type=Path, help="write {port: ...} here once serving (supervisors)")
+
+
+def _worker_entry(cfg: LlmeshConfig, worker_id: str | None) -> tuple[int, WorkerConfig]:
+    workers = cfg.workers or (WorkerConfig(),)
+    if worker_id is None:
+        return 0, workers[0]
+    for i, w in enumerate(workers):
+        if w.worker_id == worker_id:
+            return i, w
+    return len(workers), WorkerConfig(worker_id=worker_id)
+
+
+def database_url(cfg: LlmeshConfig, data_dir: Path) -> str:
+    """The configured SQL URL, or the embedded default: a SQLite file in the data directory."""
+    if cfg.database.url:
+        return cfg.database.url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'llmesh.db').resolve()}"
+
+
+def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
+    host = cfg.server.host
+    if args.service == "model":
+        from llmesh.model.server import ModelServiceConfig, serve_model_service
+
+        listen = args.listen or f"{host}:{cfg.server.gateway_port}"
+        run(lambda: serve_model_service(ModelServiceConfig.from_config(cfg, listen=listen), args.ready_file))
+    elif args.service == "registry":
+        from llmesh.registry.server import RegistryServiceConfig, serve_registry
+
+        listen = args.listen or f"{host}:{cfg.server.registry_port}"
+        reg = RegistryServiceConfig.from_config(
+            cfg, listen=listen, database_url=database_url(cfg, args.data_dir)
+        )
+        run(lambda: serve_registry(reg, args.ready_file))
+    elif args.service == "scheduler":
+        from llmesh.scheduler.server import SchedulerServiceConfig, serve_scheduler
+
+        listen = args.listen or f"{host}:{cfg.server.scheduler_port}"
+        run(lambda: serve_scheduler(SchedulerServiceConfig.from_config(cfg, listen=listen), args.ready_file))
+    elif args.service == "auth":
+        from llmesh.auth.server import AuthServiceConfig, serve_auth
+
+        listen = args.listen or f"{host}:{cfg.server.auth_port}"
+        run(lambda: serve_auth(AuthServiceConfig.from_config(cfg, listen=listen), args.ready_file))
+    else:
+        from llmesh.worker.server import WorkerServiceConfig, serve_worker
+
+        index, entry = _worker_entry(cfg, args.worker_id)
+        listen = args.listen or f"{host}:{entry.port or cfg.server.worker_base_port + index}"
+        run(lambda: serve_worker(WorkerServiceConfig.from_config(cfg, entry, listen=listen), args.ready_file))
+    return 0

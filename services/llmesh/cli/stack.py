@@ -1,0 +1,153 @@
+"""Run the whole platform on one machine as child processes (`llmesh up`, and the tests).
+
+Children start in dependency order — registry, scheduler, auth, workers, gateway, Envoy — each
+with `--ready-file`, so the supervisor learns the port it bound (port 0 works) and hands it to
+the next children as an endpoint override. Stopping sends SIGTERM in reverse order, so each
+service drains and deregisters before the ones it depends on go away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# How long a child may take to report ready. Workers load the engine (~30 s for vLLM on CPU).
+READY_TIMEOUT_S = {"worker": 300.0}
+DEFAULT_READY_TIMEOUT_S = 60.0
+
+
+class StackError(RuntimeError):
+    """A child failed to start; the message carries the tail of its log."""
+
+
+@dataclass
+class Child:
+    """One service process and where it reports readiness and logs."""
+
+    name: str
+    kind: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.info["port"])  # type: ignore[call-overload]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Stack:
+    """Supervises llmesh service processes under one run directory."""
+
+    def __init__(self, run_dir: Path, config_path: Path | None, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.config_path = config_path
+        self.env = dict(os.environ if env is None else env)
+        self.children: list[Child] = []
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "run").mkdir(parents=True, exist_ok=True)
+
+    def set_endpoint(self, service: str, address: str) -> None:
+        """Tell children started from now on where `service` listens."""
+        self.env[f"LLMESH_ENDPOINTS__{service.upper()}"] = address
+
+    def start(self, kind: str, *, name: str | None = None, listen: str, extra: tuple[str, ...] = ()) -> Child:
+        """Start `llmesh serve <kind>` and wait until it reports ready."""
+        name = name or kind
+        ready = self.run_dir / "run" / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log_file = self.run_dir / "logs" / f"{name}.log"
+        argv = [sys.executable, "-m", "llmesh.cli.main"]
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        argv += [
+            "serve",
+            kind,
+            "--listen",
+            listen,
+            "--ready-file",
+            str(ready),
+            "--data-dir",
+            str(self.run_dir),
+        ]
+        argv += list(extra)
+        with log_file.open("ab") as log:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        child = Child(name=name, kind=kind, process=process, ready_file=ready, log_file=log_file)
+        self.children.append(child)
+        self._wait_ready(child, READY_TIMEOUT_S.get(kind, DEFAULT_READY_TIMEOUT_S))
+        return child
+
+    def _wait_ready(self, child: Child, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if child.ready_file.exists():
+                child.info = json.loads(child.ready_file.read_text())
+                return
+            code = child.process.poll()
+            if code is not None:
+                raise StackError(
+                    f"{child.name} exited with code {code} before it was ready; "
+                    f"log {child.log_file}:\n{log_tail(child.log_file)}"
+                )
+            time.sleep(0.05)
+        raise StackError(
+            f"{child.name} was not ready after {timeout_s:.0f}s; log {child.log_file}:\n{log_tail(child.log_file)}"
+        )
+
+    def child(self, name: str) -> Child:
+        for c in self.children:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def stop(self, name: str, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM one child and wait for it (SIGKILL after `timeout_s`)."""
+        child = self.child(name)
+        self._terminate(child, timeout_s)
+        self.children.remove(child)
+        return child.process.returncode
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child at once (crash tests)."""
+        child = self.child(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        child.process.wait()
+        self.children.remove(child)
+
+    @staticmethod
+    def _terminate(child: Child, timeout_s: float) -> None:
+        if child.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            child.process.send_signal(signal.SIGTERM)
+        try:
+            child.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            # The whole group: vLLM's engine processes are children of the worker.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait()
+
+    def stop_all(self, timeout_s: float = 30.0) -> None:
+        """Stop every child, newest first."""
+        for child in reversed(self.children):
+            self._terminate(child, timeout_s)
+        self.children.clear()

@@ -1,0 +1,138 @@
+"""`llmesh up`: the whole stack on this machine, one command, Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from llmesh.cli.stack import Stack, StackError
+from llmesh.common.config import LlmeshConfig, load_config
+
+TINY_MODEL_NAME = "tiny-llama"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path(".llmesh"), help="state, logs, SQLite, model")
+    parser.add_argument(
+        "--model-path", type=Path, help="serve this model directory instead of the tiny model"
+    )
+    parser.add_argument(
+        "--model-name", default="", help="name clients use (default: tiny-llama or the dir name)"
+    )
+    parser.add_argument("--no-envoy", action="store_true", help="do not start the Envoy edge")
+    parser.add_argument("--host", default="127.0.0.1", help="address every service binds")
+
+
+def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config_path: Path | None) -> Path:
+    """The config file the children read: the user's, or one written for the tiny model."""
+    data_dir: Path = args.data_dir.resolve()
+    if config_path is not None and base is not None and base.models:
+        return config_path
+    if args.model_path is not None:
+        model_path = args.model_path.resolve()
+        name = args.model_name or model_path.name
+    else:
+        from llmesh.worker.tiny_model import build_tiny_model
+
+        model_path = build_tiny_model(data_dir / "models" / TINY_MODEL_NAME)
+        name = args.model_name or TINY_MODEL_NAME
+    data: dict[str, object] = yaml.safe_load(config_path.read_text()) if config_path else {}
+    data = data or {}
+    data.setdefault("server", {})
+    data["server"]["host"] = args.host  # type: ignore[index]
+    data["models"] = [
+        {
+            "name": name,
+            "path": str(model_path),
+            "max_model_len": 2048,
+            "max_output_tokens": 1024,
+            "max_num_seqs": 64,
+        }
+    ]
+    data.setdefault("workers", [{"worker_id": "worker-0"}])
+    out = data_dir / "llmesh.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tuple[str, str]]:
+    """Start every service in dependency order; returns (name, address) pairs to print."""
+    host, server = cfg.server.host, cfg.server
+    endpoints: list[tuple[str, str]] = []
+    for kind, port in (
+        ("registry", server.registry_port),
+        ("scheduler", server.scheduler_port),
+        ("auth", server.auth_port),
+    ):
+        child = stack.start(kind, listen=f"{host}:{port}")
+        stack.set_endpoint(kind, f"{host}:{child.port}")
+        endpoints.append((kind, f"{host}:{child.port}"))
+    for index, worker in enumerate(cfg.workers or ()):
+        port = worker.port or server.worker_base_port + index
+        child = stack.start(
+            "worker", name=worker.worker_id, listen=f"{host}:{port}", extra=("--worker-id", worker.worker_id)
+        )
+        endpoints.append((f"worker {worker.worker_id}", f"{host}:{child.port}"))
+    gateway = stack.start("model", name="gateway", listen=f"{host}:{server.gateway_port}")
+    stack.set_endpoint("gateway", f"{host}:{gateway.port}")
+    endpoints.insert(0, ("gateway (ModelService)", f"{host}:{gateway.port}"))
+    if with_envoy:
+        from llmesh.edge.supervise import start_envoy_child
+
+        address = start_envoy_child(stack, cfg)
+        endpoints.insert(0, ("envoy (REST + gRPC)", address))
+    return endpoints
+
+
+def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
+    base = load_config(config_path) if config_path else None
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    path = effective_config(args, base, config_path)
+    cfg = load_config(path)
+    stack = Stack(args.data_dir.resolve(), path)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        endpoints = start_stack(stack, cfg, with_envoy=not args.no_envoy)
+    except StackError as error:
+        print(f"llmesh up failed: {error}", file=sys.stderr)
+        stack.stop_all()
+        return 1
+    model = cfg.models[0].name
+    gateway = dict(endpoints)["gateway (ModelService)"]
+    print(f"\nllmesh is up in {time.monotonic() - began:.0f}s (logs in {stack.run_dir / 'logs'}):")
+    for name, address in endpoints:
+        print(f"  {name:<24} {address}")
+    print("\nTry:")
+    print(f"  grpcurl -plaintext {gateway} list")
+    print(
+        f'  grpcurl -plaintext -d \'{{"model": "{model}", "messages": [{{"role": "user", '
+        f'"content": "Hello"}}], "max_tokens": 32}}\' {gateway} llmesh.model.v1.ModelService/StreamChatCompletion'
+    )
+    if not args.no_envoy:
+        envoy = dict(endpoints)["envoy (REST + gRPC)"]
+        print(
+            f"  curl -s http://{envoy}/v1/chat/completions -H 'content-type: application/json' "
+            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}\''
+        )
+    print("\nCtrl-C stops everything.", flush=True)
+    try:
+        while not stop.is_set():
+            for child in stack.children:
+                if child.process.poll() is not None:
+                    print(
+                        f"{child.name} exited with code {child.process.returncode}; stopping", file=sys.stderr
+                    )
+                    stop.set()
+            stop.wait(1.0)
+    finally:
+        print("stopping...", file=sys.stderr)
+        stack.stop_all()
+    return 0

@@ -1,0 +1,1 @@
+"""Runtime shared by every llmesh service: config, server bootstrap, errors, logs, channels."""

@@ -1,0 +1,23 @@
+"""Client channels between llmesh services: keepalive so dead peers are noticed quickly."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Client channel arguments: keepalive so dead peers are noticed, generous message limits."""
+    return [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.enable_retries", 1),
+    ]
+
+
+def insecure_channel(address: str) -> aio.Channel:
+    """An asyncio client channel with llmesh's keepalive settings."""
+    return aio.insecure_channel(address, options=channel_options())

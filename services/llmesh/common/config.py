@@ -1,0 +1,287 @@
+"""The typed, frozen configuration of the whole platform, read once at start-up.
+
+Sources, later ones winning: built-in defaults, a YAML file, then environment variables named
+`LLMESH_<SECTION>__<FIELD>` (e.g. `LLMESH_SERVER__GATEWAY_PORT=6000`,
+`LLMESH_DATABASE__URL=postgresql+psycopg://...`). Only `main` reads the environment; everything
+below it receives these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ENV_PREFIX = "LLMESH_"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where each service listens on one machine, and limits every server shares."""
+
+    host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    registry_port: int = 50052
+    auth_port: int = 50053
+    scheduler_port: int = 50054
+    worker_base_port: int = 50060
+    envoy_port: int = 8080
+    envoy_admin_port: int = 9901
+    # Largest request body any server accepts (the seed's 10 MB).
+    max_request_bytes: int = 10 * 1024 * 1024
+    # Seconds in-flight RPCs get to finish on SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class EndpointsConfig:
+    """Addresses services dial to reach each other; empty means host:port from `server`."""
+
+    gateway: str = ""
+    registry: str = ""
+    auth: str = ""
+    scheduler: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """SQL store of the registry catalog and auth data (SQLite by default)."""
+
+    url: str = ""  # empty: sqlite file under the data directory
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Shared counters (rate limits). Empty url: in-process counters."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Whether the gateway requires credentials (AuthService fills this in later)."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """A scenario prompt template."""
+
+    name: str
+    system_prompt: str = ""
+    user_template: str = "{input}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One catalog model and the engine settings a worker loads it with."""
+
+    name: str
+    path: str = ""  # weights directory; empty in `llmesh up` means the generated tiny model
+    engine: str = "vllm"
+    version: str = "v1"
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    owned_by: str = "llmesh"
+    dtype: str = "auto"
+    quantization: str = ""
+    max_model_len: int = 2048
+    max_output_tokens: int = 1024
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.9
+    kv_cache_space_gb: float = 1.0
+    trust_remote_code: bool = False
+    enforce_eager: bool = True
+    chat_template: str = ""
+    upstream_model: str = ""
+    cost_per_1k_tokens: float = 0.0
+    templates: tuple[TemplateConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process: which models it serves and where it listens."""
+
+    worker_id: str = "worker-0"
+    models: tuple[str, ...] = ()  # empty: every configured model
+    port: int = 0  # 0: server.worker_base_port + index
+    advertise_address: str = ""  # what others dial; empty: host:bound port
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Worker membership timing."""
+
+    heartbeat_interval_seconds: int = 2
+    heartbeat_ttl_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Lease and queue behaviour."""
+
+    # How long an Acquire may wait for capacity when the caller set no deadline.
+    max_queue_wait_seconds: float = 30.0
+    # Waiting requests per model before new ones are refused.
+    max_queue_depth: int = 256
+    # A lease not released within this many seconds is reclaimed (crashed gateway).
+    lease_timeout_seconds: float = 900.0
+    # Seconds a failed worker is excluded from new leases.
+    eject_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """ModelService behaviour."""
+
+    # Attempts to find a worker when one fails before the first token.
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log level and format."""
+
+    level: str = "INFO"
+    json: bool = True
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """Prometheus side ports (0 disables)."""
+
+    metrics_base_port: int = 0
+
+
+@dataclass(frozen=True)
+class LlmeshConfig:
+    """Everything one config file holds."""
+
+    server: ServerConfig = ServerConfig()
+    endpoints: EndpointsConfig = EndpointsConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    auth: AuthConfig = AuthConfig()
+    models: tuple[ModelConfig, ...] = ()
+    workers: tuple[WorkerConfig, ...] = ()
+    registry: RegistryConfig = RegistryConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    logging: LoggingConfig = LoggingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+
+    def address_of(self, service: str) -> str:
+        """The address to dial for `service` (gateway, registry, auth, scheduler)."""
+        explicit = getattr(self.endpoints, service)
+        if explicit:
+            return str(explicit)
+        return f"{self.server.host}:{getattr(self.server, f'{service}_port')}"
+
+    def model(self, name: str) -> ModelConfig:
+        """The configured model called `name` (or one of its aliases)."""
+        for m in self.models:
+            if m.name == name or name in m.aliases:
+                return m
+        raise ConfigError(f"no model named {name!r} in the config; known: {[m.name for m in self.models]}")
+
+
+def build(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from plain YAML data, checking names and types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    values = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if value.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay LLMESH_SECTION__FIELD variables onto the YAML data."""
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> LlmeshConfig:
+    """Read the config file (if any) and environment overrides into one frozen object."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        data = loaded
+    data = _apply_env(data, env or {})
+    return build(LlmeshConfig, data)
+
+
+def with_overrides(cfg: LlmeshConfig, **sections: Any) -> LlmeshConfig:
+    """A copy of `cfg` with whole sections replaced (used by `llmesh up` and tests)."""
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,163 @@
+"""One bootstrap for every llmesh gRPC server: health, reflection, interceptors, shutdown.
+
+Health is NOT_SERVING until the service says it is ready, and again while draining. Shutdown on
+SIGTERM/SIGINT flips health to NOT_SERVING, runs the service's own clean-up (deregister, drain),
+then stops the server with a grace period for in-flight RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from llmesh.common.interceptors import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+# The empty service name stands for the server as a whole (what probes ask by default).
+OVERALL = ""
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments for servers: message limits that match the configured request limit."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, its health servicer and its clean-up hooks."""
+
+    name: str
+    server: aio.Server
+    port: int
+    health: HealthServicer
+    service_names: tuple[str, ...]
+    # Run before the server stops (deregister, refuse new work) and after it stopped
+    # (release engines and connections that in-flight RPCs still needed during the grace period).
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    after_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _stopped: bool = False
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip health for the server and each of its services."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in (OVERALL, *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful stop: NOT_SERVING, clean-up hooks, stop(grace), after-stop hooks. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.set_serving(False)
+        await self._run_hooks(self.on_shutdown)
+        await self.server.stop(grace)
+        await self._run_hooks(self.after_stop)
+
+    async def _run_hooks(self, hooks: list[Callable[[], Awaitable[None]]]) -> None:
+        for hook in reversed(hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook of %s failed", self.name)
+
+
+async def start_server(
+    name: str,
+    listen: str,
+    add_servicers: Callable[[aio.Server], Sequence[str]],
+    *,
+    max_message_bytes: int = 10 * 1024 * 1024,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server on `listen` ("host:port", port 0 picks a free one); health starts NOT_SERVING.
+
+    `add_servicers` registers the service's servicers and returns their full service names.
+    """
+    server = aio.server(
+        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        options=server_options(max_message_bytes),
+    )
+    service_names = tuple(add_servicers(server))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"{name}: cannot listen on {listen} (address in use?)")
+    await server.start()
+    running = RunningServer(name=name, server=server, port=port, health=health, service_names=service_names)
+    await running.set_serving(False)
+    log.info("%s listening", name, extra={"port": port, "listen": listen})
+    return running
+
+
+def write_ready_file(path: Path | None, **info: object) -> None:
+    """Tell a supervising process (llmesh up, tests) where we listen: written atomically."""
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_until_signal(running: RunningServer, grace: float) -> None:
+    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+    await wait_for_signal()
+    log.info("%s shutting down", running.name, extra={"grace_s": grace})
+    await running.stop(grace)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run an async main with uvloop where installed."""
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+__all__ = [
+    "RunningServer",
+    "grpc",
+    "run",
+    "serve_until_signal",
+    "start_server",
+    "wait_for_signal",
+    "write_ready_file",
+]

@@ -1,0 +1,60 @@
+"""The gateway's view of the model catalog: registry lookups with a short cache."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc import aio
+from llmesh.common.errors import DependencyDown, InvalidRequest, NotFound
+from llmesh.model.openai_requests import ModelLimits
+from llmesh.registry.v1 import registry_service_pb2 as registry_pb
+from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+
+class ModelCatalog:
+    """Resolves names and aliases to catalog models; caches answers for `ttl_s` seconds."""
+
+    def __init__(self, registry: registry_grpc.RegistryServiceStub, ttl_s: float = 5.0) -> None:
+        self._registry = registry
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, registry_pb.Model]] = {}
+
+    async def resolve(self, name: str) -> registry_pb.Model:
+        """The catalog model called `name` (or aliased so); NotFound says how to list models."""
+        if not name:
+            raise InvalidRequest("model is required; list the served models with GET /v1/models (ListModels)")
+        hit = self._cache.get(name)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        try:
+            response = await self._registry.GetModel(registry_pb.GetModelRequest(name=name), timeout=5.0)
+        except aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(error.details() or f"model {name!r} does not exist") from None
+            raise DependencyDown(
+                f"the registry is unavailable ({error.code().name}); retry shortly"
+            ) from None
+        self._cache[name] = (now, response.model)
+        return response.model
+
+    async def list(self) -> list[registry_pb.Model]:
+        """Every catalog model that is not retired."""
+        try:
+            response = await self._registry.ListModels(registry_pb.ListModelsRequest(), timeout=5.0)
+        except aio.AioRpcError as error:
+            raise DependencyDown(
+                f"the registry is unavailable ({error.code().name}); retry shortly"
+            ) from None
+        return [m for m in response.models if m.status != registry_pb.MODEL_STATUS_RETIRED]
+
+
+def limits_of(model: registry_pb.Model) -> ModelLimits:
+    """The request limits the gateway enforces for `model`."""
+    max_len = model.engine.max_model_len or 2048
+    return ModelLimits(
+        name=model.name,
+        max_output_tokens=model.limits.max_output_tokens or max_len,
+        max_model_len=max_len,
+    )

@@ -1,0 +1,284 @@
+"""OpenAI-shaped requests → the worker's GenerateRequest, validated with messages that say what to fix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf import json_format, struct_pb2
+from llmesh.common.errors import InvalidRequest
+from llmesh.common.v1 import common_pb2
+from llmesh.model.v1 import model_service_pb2 as pb
+from llmesh.worker.v1 import worker_service_pb2 as worker_pb
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_STOP_SEQUENCES = 4
+PRIORITIES = {"": 2, "normal": 2, "low": 1, "high": 3}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the catalog says a request for this model may ask."""
+
+    name: str
+    max_output_tokens: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request ready to dispatch, with what the scheduler needs to know."""
+
+    generate: worker_pb.GenerateRequest
+    prompt_estimate: int
+    max_tokens: int
+    priority: int
+    include_usage: bool
+    echo_text: str = ""
+
+
+def _text_of(content: struct_pb2.Value, where: str) -> str:
+    """A message's content: a string, or a list of text parts (other part types are refused)."""
+    kind = content.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return ""
+    if kind == "string_value":
+        return content.string_value
+    if kind == "list_value":
+        parts: list[str] = []
+        for i, part in enumerate(content.list_value.values):
+            if part.WhichOneof("kind") != "struct_value":
+                raise InvalidRequest(f"{where}.content[{i}] must be an object like {{'type': 'text', ...}}")
+            fields = part.struct_value.fields
+            ptype = fields["type"].string_value if "type" in fields else ""
+            if ptype != "text":
+                raise InvalidRequest(
+                    f"{where}.content[{i}] has type {ptype!r}; only 'text' content parts are supported"
+                )
+            parts.append(fields["text"].string_value if "text" in fields else "")
+        return "".join(parts)
+    raise InvalidRequest(f"{where}.content must be a string or a list of text parts")
+
+
+def _stop_list(stop: struct_pb2.Value) -> list[str]:
+    kind = stop.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return []
+    if kind == "string_value":
+        values = [stop.string_value]
+    elif kind == "list_value" and all(v.WhichOneof("kind") == "string_value" for v in stop.list_value.values):
+        values = [v.string_value for v in stop.list_value.values]
+    else:
+        raise InvalidRequest("stop must be a string or a list of strings")
+    if len(values) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"stop accepts at most {MAX_STOP_SEQUENCES} sequences; got {len(values)}")
+    if any(not v for v in values):
+        raise InvalidRequest("stop sequences must not be empty strings")
+    return values
+
+
+def _priority(name: str) -> int:
+    try:
+        return PRIORITIES[name]
+    except KeyError:
+        raise InvalidRequest(f"priority must be 'low', 'normal' or 'high'; got {name!r}") from None
+
+
+def _max_tokens(requested: int | None, limits: ModelLimits, default: int) -> int:
+    if requested is None:
+        return min(default, limits.max_output_tokens)
+    if requested < 1:
+        raise InvalidRequest(f"max_tokens must be at least 1; got {requested}")
+    if requested > limits.max_output_tokens:
+        raise InvalidRequest(
+            f"max_tokens {requested} is over the limit of model {limits.name!r} "
+            f"({limits.max_output_tokens}); ask for at most {limits.max_output_tokens}"
+        )
+    return requested
+
+
+def _structured(
+    response_format: pb.ResponseFormat | None,
+    guided_json: struct_pb2.Struct | None,
+    guided_regex: str,
+    guided_choice: Sequence[str],
+) -> common_pb2.StructuredOutput:
+    chosen: list[common_pb2.StructuredOutput] = []
+    if response_format is not None and response_format.type not in ("", "text"):
+        if response_format.type == "json_object":
+            chosen.append(common_pb2.StructuredOutput(json_object=True))
+        elif response_format.type == "json_schema":
+            if not response_format.json_schema.HasField("schema"):
+                raise InvalidRequest("response_format.json_schema.schema is required for type 'json_schema'")
+            schema = json_format.MessageToDict(response_format.json_schema.schema)
+            chosen.append(common_pb2.StructuredOutput(json_schema=json.dumps(schema)))
+        else:
+            raise InvalidRequest(
+                f"response_format.type {response_format.type!r} is not supported; "
+                "use 'text', 'json_object' or 'json_schema'"
+            )
+    if guided_json is not None:
+        chosen.append(
+            common_pb2.StructuredOutput(json_schema=json.dumps(json_format.MessageToDict(guided_json)))
+        )
+    if guided_regex:
+        chosen.append(common_pb2.StructuredOutput(regex=guided_regex))
+    if guided_choice:
+        chosen.append(common_pb2.StructuredOutput(choice=common_pb2.ChoiceList(values=list(guided_choice))))
+    if len(chosen) > 1:
+        raise InvalidRequest(
+            "use only one of response_format, guided_json, guided_regex and guided_choice per request"
+        )
+    return chosen[0] if chosen else common_pb2.StructuredOutput()
+
+
+def _common_sampling(
+    req: pb.CreateChatCompletionRequest | pb.CreateCompletionRequest, max_tokens: int
+) -> common_pb2.SamplingParams:
+    """Sampling fields both OpenAI APIs share; range checks happen in the worker's engine layer."""
+    sp = common_pb2.SamplingParams(max_tokens=max_tokens)
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "seed",
+        "n",
+        "min_tokens",
+        "skip_special_tokens",
+    ):
+        if req.HasField(name):
+            setattr(sp, name, getattr(req, name))
+    sp.stop.extend(_stop_list(req.stop))
+    sp.stop_token_ids.extend(req.stop_token_ids)
+    sp.ignore_eos = req.ignore_eos
+    sp.include_stop_str_in_output = req.include_stop_str_in_output
+    if req.logit_bias:
+        raise InvalidRequest("logit_bias is not supported yet; remove it from the request")
+    return sp
+
+
+def prepare_chat(
+    req: pb.CreateChatCompletionRequest, limits: ModelLimits, request_id: str
+) -> PreparedRequest:
+    """Validate a chat completion request and build the worker request."""
+    if not req.messages:
+        raise InvalidRequest(
+            "messages is empty; send at least one message, e.g. {'role':'user','content':'Hi'}"
+        )
+    if len(req.tools.values) > 0:
+        raise InvalidRequest("tools are not supported yet; remove 'tools' from the request")
+    turns: list[common_pb2.ChatTurn] = []
+    chars = 0
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"{where}.role {m.role!r} is not one of {sorted(CHAT_ROLES)}")
+        text = _text_of(m.content, where)
+        chars += len(text)
+        # "developer" is OpenAI's newer name for "system"; chat templates know "system".
+        turns.append(common_pb2.ChatTurn(role="system" if m.role == "developer" else m.role, content=text))
+    requested = req.max_completion_tokens if req.HasField("max_completion_tokens") else None
+    if requested is None and req.HasField("max_tokens"):
+        requested = req.max_tokens
+    max_tokens = _max_tokens(requested, limits, default=limits.max_output_tokens)
+    sampling = _common_sampling(req, max_tokens)
+    sampling.logprobs = req.logprobs
+    if req.HasField("top_logprobs"):
+        sampling.top_logprobs = req.top_logprobs
+    sampling.structured_output.CopyFrom(
+        _structured(
+            req.response_format if req.HasField("response_format") else None,
+            req.guided_json if req.HasField("guided_json") else None,
+            req.guided_regex,
+            req.guided_choice,
+        )
+    )
+    generate = worker_pb.GenerateRequest(
+        request_id=request_id,
+        model=limits.name,
+        chat=worker_pb.ChatInput(
+            messages=turns,
+            add_generation_prompt=req.add_generation_prompt
+            if req.HasField("add_generation_prompt")
+            else True,
+            chat_template=req.chat_template,
+        ),
+        sampling=sampling,
+    )
+    return PreparedRequest(
+        generate=generate,
+        prompt_estimate=chars // 4 + 8 * len(turns),
+        max_tokens=max_tokens,
+        priority=_priority(req.priority),
+        include_usage=req.stream_options.include_usage,
+    )
+
+
+def _completion_prompt(prompt: struct_pb2.Value) -> str | list[int]:
+    """OpenAI's prompt: a string, a list of token ids, or a one-element list of either."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "string_value":
+        return prompt.string_value
+    if kind == "list_value":
+        values = list(prompt.list_value.values)
+        if values and all(v.WhichOneof("kind") == "number_value" for v in values):
+            ids = [int(v.number_value) for v in values]
+            if any(i < 0 or i != v.number_value for i, v in zip(ids, values, strict=True)):
+                raise InvalidRequest("prompt token ids must be non-negative integers")
+            return ids
+        if len(values) == 1:
+            return _completion_prompt(values[0])
+        if len(values) > 1:
+            raise InvalidRequest("batched prompts are not supported; send one prompt per request")
+    raise InvalidRequest("prompt is required: a string or a list of token ids")
+
+
+def prepare_completion(
+    req: pb.CreateCompletionRequest, limits: ModelLimits, request_id: str
+) -> PreparedRequest:
+    """Validate a text completion request and build the worker request."""
+    prompt = _completion_prompt(req.prompt)
+    if prompt == "":
+        raise InvalidRequest("prompt is empty; send the text to complete")
+    if req.suffix:
+        raise InvalidRequest("suffix is not supported; remove it from the request")
+    if req.HasField("best_of") and req.best_of != (req.n if req.HasField("n") else 1):
+        raise InvalidRequest("best_of must equal n (server-side candidates are not supported)")
+    if req.echo and not isinstance(prompt, str):
+        raise InvalidRequest("echo needs a text prompt, not token ids")
+    # OpenAI's completions API defaults max_tokens to 16.
+    max_tokens = _max_tokens(req.max_tokens if req.HasField("max_tokens") else None, limits, default=16)
+    sampling = _common_sampling(req, max_tokens)
+    if req.HasField("logprobs"):
+        if req.logprobs > 5:
+            raise InvalidRequest(f"logprobs must be in [0, 5]; got {req.logprobs}")
+        sampling.logprobs = True
+        sampling.top_logprobs = req.logprobs
+    sampling.structured_output.CopyFrom(
+        _structured(
+            None,
+            req.guided_json if req.HasField("guided_json") else None,
+            req.guided_regex,
+            req.guided_choice,
+        )
+    )
+    generate = worker_pb.GenerateRequest(request_id=request_id, model=limits.name, sampling=sampling)
+    if isinstance(prompt, str):
+        generate.prompt = prompt
+        estimate = len(prompt) // 4 + 1
+    else:
+        generate.prompt_token_ids.ids.extend(prompt)
+        estimate = len(prompt)
+    return PreparedRequest(
+        generate=generate,
+        prompt_estimate=estimate,
+        max_tokens=max_tokens,
+        priority=_priority(req.priority),
+        include_usage=req.stream_options.include_usage,
+        echo_text=prompt if req.echo and isinstance(prompt, str) else "",
+    )

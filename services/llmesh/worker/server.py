@@ -1,0 +1,155 @@
+"""Worker process: one engine behind WorkerService, registered with the registry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpc import aio
+from llmesh.common.config import LlmeshConfig, ModelConfig, WorkerConfig
+from llmesh.common.errors import InvalidRequest
+from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.registry.membership import WorkerMembership
+from llmesh.registry.v1 import registry_service_pb2 as registry_pb
+from llmesh.worker import convert
+from llmesh.worker.engine import Engine
+from llmesh.worker.servicer import WorkerServicer
+from llmesh.worker.v1 import worker_service_pb2 as pb
+from llmesh.worker.v1 import worker_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerServiceConfig:
+    """What one worker process needs: where to listen, what to serve, whom to tell."""
+
+    listen: str
+    model: ModelConfig
+    worker_id: str = "worker-0"
+    registry_address: str = ""  # empty: do not register (a worker called directly)
+    advertise_host: str = "127.0.0.1"
+    advertise_address: str = ""  # empty: advertise_host:bound port
+    heartbeat_interval_seconds: float = 2.0
+    max_message_bytes: int = 10 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: LlmeshConfig, worker: WorkerConfig, *, listen: str) -> WorkerServiceConfig:
+        names = worker.models or tuple(m.name for m in cfg.models)
+        if len(names) != 1:
+            raise InvalidRequest(
+                f"worker {worker.worker_id} must serve exactly one model (one engine per worker); "
+                f"got {list(names)}"
+            )
+        return cls(
+            listen=listen,
+            model=cfg.model(names[0]),
+            worker_id=worker.worker_id,
+            registry_address=cfg.address_of("registry"),
+            advertise_host=cfg.server.host,
+            advertise_address=worker.advertise_address,
+            heartbeat_interval_seconds=cfg.registry.heartbeat_interval_seconds,
+            max_message_bytes=cfg.server.max_request_bytes,
+            shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
+            labels=dict(worker.labels),
+        )
+
+
+def build_engine(model: ModelConfig) -> Engine:
+    """The engine adapter the model's config names. Imports stay lazy: no torch unless vLLM is used."""
+    if model.engine == "vllm":
+        from llmesh.worker.vllm_engine import VllmEngine, VllmSettings
+
+        if not model.path:
+            raise InvalidRequest(
+                f"model {model.name!r} has no path: set models[].path to a weights directory"
+            )
+        return VllmEngine(
+            VllmSettings(
+                model=model.path,
+                served_name=model.name,
+                dtype=model.dtype,
+                max_model_len=model.max_model_len,
+                max_num_seqs=model.max_num_seqs,
+                gpu_memory_utilization=model.gpu_memory_utilization,
+                enforce_eager=model.enforce_eager,
+                trust_remote_code=model.trust_remote_code,
+                kv_cache_space_gb=model.kv_cache_space_gb,
+                chat_template=model.chat_template or None,
+            )
+        )
+    if model.engine == "scripted":
+        # The engine test double, only when a config asks for it by name (benchmarks, tests).
+        from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
+
+        return ScriptedEngine(
+            ScriptedSettings(model=model.name, max_model_len=model.max_model_len, tokens_per_second=0.0)
+        )
+    raise InvalidRequest(f"model {model.name!r}: unknown engine {model.engine!r}; use 'vllm'")
+
+
+async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None) -> RunningServer:
+    """Start the server (NOT_SERVING), load the engine, go SERVING, then join the registry."""
+    engine = engine or build_engine(config.model)
+    running: RunningServer | None = None
+
+    async def on_drain() -> None:
+        if running is not None:
+            await running.set_serving(False)
+
+    servicer = WorkerServicer(
+        engine,
+        config.worker_id,
+        max_num_seqs=config.model.max_num_seqs,
+        labels=config.labels,
+        on_drain=on_drain,
+    )
+
+    def add(server: aio.Server) -> list[str]:
+        pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+        return [pb.DESCRIPTOR.services_by_name["WorkerService"].full_name]
+
+    running = await start_server(
+        f"worker {config.worker_id}", config.listen, add, max_message_bytes=config.max_message_bytes
+    )
+    began = time.monotonic()
+    try:
+        await engine.start()
+    except BaseException:
+        await running.stop(0)
+        raise
+    log.info("engine ready", extra={"engine_start_s": round(time.monotonic() - began, 2)})
+    running.after_stop.append(engine.shutdown)
+    await running.set_serving(True)
+
+    if config.registry_address:
+        address = config.advertise_address or f"{config.advertise_host}:{running.port}"
+        info = engine.models()
+        membership = WorkerMembership(
+            config.registry_address,
+            registry_pb.Worker(
+                worker_id=config.worker_id,
+                address=address,
+                models=[m.name for m in info],
+                engine=info[0].engine if info else config.model.engine,
+                capacity=config.model.max_num_seqs,
+                labels=config.labels,
+            ),
+            lambda: convert.load_to_proto(engine.load()),
+            config.heartbeat_interval_seconds,
+        )
+        await membership.start()
+        # Leave the registry first so no new leases name us while we stop.
+        running.on_shutdown.append(membership.stop)
+    return running
+
+
+async def serve_worker(config: WorkerServiceConfig, ready_file: Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT."""
+    running = await start_worker(config)
+    write_ready_file(ready_file, port=running.port, worker_id=config.worker_id)
+    await serve_until_signal(running, config.shutdown_grace_seconds)
