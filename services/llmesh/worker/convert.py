@@ -120,9 +120,21 @@ def _delta_to_proto(d: ChoiceDelta) -> pb.ChoiceDelta:
     )
 
 
-def chunk_to_proto(request_id: str, chunk: GenerationChunk, first: bool) -> pb.GenerateResponse:
-    """One engine chunk → one stream message; usage only on the last."""
-    msg = pb.GenerateResponse(request_id=request_id, choices=[_delta_to_proto(d) for d in chunk.choices])
+def chunk_to_proto(
+    request_id: str, chunk: GenerationChunk, first: bool, finished: set[int]
+) -> pb.GenerateResponse:
+    """One engine chunk → one stream message; usage only on the last.
+
+    `finished` holds the choices already reported finished; their repeats are dropped.
+    """
+    deltas = []
+    for d in chunk.choices:
+        if d.index in finished:
+            continue
+        if d.finish_reason:
+            finished.add(d.index)
+        deltas.append(_delta_to_proto(d))
+    msg = pb.GenerateResponse(request_id=request_id, choices=deltas)
     if first:
         msg.prompt_tokens = chunk.prompt_tokens
     if chunk.finished:

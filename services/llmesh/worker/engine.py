@@ -38,7 +38,8 @@ class StructuredSpec:
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_KINDS:
             raise InvalidRequest(
-                f"structured output kind {self.kind!r} is not supported; use one of {sorted(STRUCTURED_KINDS)}"
+                f"structured output kind {self.kind!r} is not supported; "
+                f"use one of {sorted(STRUCTURED_KINDS)}"
             )
         if self.kind == "choice":
             if not self.choices or any(not c for c in self.choices):
@@ -102,7 +103,9 @@ class Sampling:
                 )
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {self.top_logprobs}")
+                raise InvalidRequest(
+                    f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {self.top_logprobs}"
+                )
             if self.top_logprobs > 0 and not self.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs=true")
         if not 1 <= self.n <= MAX_N:
@@ -215,8 +218,12 @@ class ChoiceDelta:
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """Tokens the engine produced together. `completion_tokens` is cumulative over all choices; the
-    last chunk of a stream has `finished=True` and a finish_reason on every choice."""
+    """Tokens the engine produced together. `completion_tokens` is cumulative over all choices.
+
+    The last chunk of a stream has `finished=True` and a finish_reason on every choice: a choice that
+    ended in an earlier chunk (n > 1) appears there again with no text and the same finish_reason, so
+    a consumer that reports each end once skips choices it has already seen finish.
+    """
 
     choices: tuple[ChoiceDelta, ...]
     prompt_tokens: int
@@ -249,8 +256,9 @@ class Engine(Protocol):
     """An inference engine behind the worker.
 
     `generate` is an async generator. Each chunk carries what the engine produced together; nothing
-    is held back. When the consumer stops iterating (`aclose()`, `break`, task cancelled), the engine
-    request is aborted before the generator finishes closing.
+    is held back. When the consumer stops iterating, the engine request is aborted: at once on
+    `aclose()` or task cancellation, so consumers that may `break` early wrap the stream in
+    `contextlib.aclosing` (a bare `break` leaves the abort to garbage collection).
     """
 
     async def start(self) -> None: ...
@@ -259,7 +267,9 @@ class Engine(Protocol):
 
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
-    async def tokenize(self, model: str, input: GenerationInput, add_special_tokens: bool = True) -> list[int]: ...
+    async def tokenize(
+        self, model: str, input: GenerationInput, add_special_tokens: bool = True
+    ) -> list[int]: ...
 
     async def detokenize(self, model: str, ids: Sequence[int]) -> str: ...
 
@@ -293,7 +303,8 @@ def check_fits(prompt_tokens: int, sampling: Sampling, model: ModelInfo) -> int:
     if sampling.max_tokens > room:
         raise InvalidRequest(
             f"prompt ({prompt_tokens} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context of "
-            f"{model.name!r} ({model.max_model_len} tokens); lower max_tokens to at most {room} or shorten the prompt"
+            f"{model.name!r} ({model.max_model_len} tokens); lower max_tokens to at most {room} "
+            "or shorten the prompt"
         )
     return sampling.max_tokens
 

@@ -77,7 +77,9 @@ class ScriptedEngine:
     async def shutdown(self) -> None:
         self._started = False
 
-    async def tokenize(self, model: str, input: GenerationInput, add_special_tokens: bool = True) -> list[int]:
+    async def tokenize(
+        self, model: str, input: GenerationInput, add_special_tokens: bool = True
+    ) -> list[int]:
         find_model(self.models(), model)
         return self._tokens(input)
 
@@ -129,7 +131,9 @@ class ScriptedEngine:
                 self._slots.release()
             (self.completed if finished else self.aborted).append(req.request_id)
 
-    async def _steps(self, req: GenerationRequest, prompt_tokens: int, max_tokens: int) -> AsyncIterator[GenerationChunk]:
+    async def _steps(
+        self, req: GenerationRequest, prompt_tokens: int, max_tokens: int
+    ) -> AsyncIterator[GenerationChunk]:
         s, cfg = req.sampling, self.settings
         interval = 1.0 / cfg.tokens_per_second if cfg.tokens_per_second > 0 else 0.0
         texts = ["" for _ in range(s.n)]
@@ -152,7 +156,9 @@ class ScriptedEngine:
                 done[i] = finish
                 reason, stop = finish if finish else (None, None)
                 deltas.append(
-                    ChoiceDelta(i, delta.text, delta.token_ids, delta.logprobs, finish_reason=reason, stop_reason=stop)
+                    ChoiceDelta(
+                        i, delta.text, delta.token_ids, delta.logprobs, finish_reason=reason, stop_reason=stop
+                    )
                 )
             step += 1
             self._rate.add(sum(len(d.token_ids) for d in deltas))
@@ -170,7 +176,8 @@ class ScriptedEngine:
         logprobs: tuple[TokenLogprob, ...] = ()
         if s.logprobs:
             top = tuple(
-                TokenLogprob(f"alt{k}", (token_id + k) % cfg.vocab_size, -1.0 - k) for k in range(s.top_logprobs or 0)
+                TokenLogprob(f"alt{k}", (token_id + k) % cfg.vocab_size, -1.0 - k)
+                for k in range(s.top_logprobs or 0)
             )
             logprobs = (TokenLogprob(piece, token_id, -0.5, top),)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpc import aio
+
 from llmesh.common.config import LlmeshConfig, ModelConfig, WorkerConfig
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from grpc import aio
+
 from llmesh.common.errors import DependencyDown
 from llmesh.common.logs import request_id_var
 from llmesh.worker import convert
@@ -56,11 +57,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._idle.clear()
         started = time.monotonic()
         first = True
+        finished: set[int] = set()  # a choice's finish_reason goes out once (n > 1 repeats it)
         try:
             async with contextlib.aclosing(self._engine.generate(gen_request)) as stream:
                 async for chunk in stream:
-                    yield convert.chunk_to_proto(gen_request.request_id, chunk, first)
+                    message = convert.chunk_to_proto(gen_request.request_id, chunk, first, finished)
                     first = False
+                    if message.choices or message.HasField("usage"):
+                        yield message
         finally:
             self._active -= 1
             if self._active == 0:

@@ -12,10 +12,12 @@ intermediate 256, 2048 positions, untied embeddings. Deterministic for a given s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = "llmesh-tiny-model.json"
@@ -86,7 +88,9 @@ def build_tiny_model(path: Path, *, seed: int = 0, vocab_size: int = 512, show_p
     if _matches(path, params):
         return path
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)"
+        )
     if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
         raise ValueError(f"{path} is not empty and holds no tiny model; pass an empty or new directory")
 
@@ -103,15 +107,49 @@ def build_tiny_model(path: Path, *, seed: int = 0, vocab_size: int = 512, show_p
             model, generation_config = _build_model(tokenizer, seed=seed, vocab_size=vocab_size)
             bar.update()
             bar.set_postfix_str("save")
-            model.save_pretrained(staging)
+            with _transformers_progress(show_progress):
+                model.save_pretrained(staging)
             generation_config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            _portable_tokenizer_config(staging / "tokenizer_config.json")
             (staging / MARKER).write_text(json.dumps(params, sort_keys=True) + "\n")
             bar.update()
+        # mkdtemp makes a private directory; a model directory is meant to be shared read-only.
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
         _publish(staging, path, params)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers draws its own bars while saving; follow our show_progress, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _portable_tokenizer_config(file: Path) -> None:
+    """Make tokenizer_config.json readable by transformers 4 and 5 alike.
+
+    transformers 5 writes the chat template to chat_template.jinja and names the class
+    "TokenizersBackend"; older readers (and some engines) look for `chat_template` in this file and
+    know the class as PreTrainedTokenizerFast, which transformers 5 still resolves.
+    """
+    config = json.loads(file.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _matches(path: Path, params: dict[str, int]) -> bool:
@@ -170,7 +208,9 @@ def _build_model(tokenizer, *, seed: int, vocab_size: int):  # -> (LlamaForCausa
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS))
+    }
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -187,7 +227,7 @@ def _build_model(tokenizer, *, seed: int, vocab_size: int):  # -> (LlamaForCausa
     # Seed a private generator state so building never disturbs the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        model = LlamaForCausalLM(config).float().eval()
     generation = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     model.generation_config = generation
     return model, generation
