@@ -1,0 +1,132 @@
+"""SchedulerService bootstrap: the pool, the registry watch that feeds it, lease reclaiming, the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc import aio
+
+from llmesh.common.config import ConfigError, LlmeshConfig
+from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.scheduler.pool import WorkerPool
+from llmesh.scheduler.registry_watch import RegistryWatch
+from llmesh.scheduler.servicer import SchedulerServicer
+from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
+from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    """Everything the scheduler process needs."""
+
+    listen: str
+    registry_address: str
+    max_queue_wait_seconds: float = 30.0
+    max_queue_depth: int = 256
+    lease_timeout_seconds: float = 900.0
+    eject_seconds: float = 10.0
+    max_message_bytes: int = 10 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.registry_address:
+            raise ConfigError("scheduler: registry_address is empty; set endpoints.registry or server.host")
+        if self.max_queue_depth < 0 or self.max_queue_wait_seconds < 0:
+            raise ConfigError("scheduler: max_queue_depth and max_queue_wait_seconds must be >= 0")
+        if self.lease_timeout_seconds <= 0 or self.eject_seconds < 0:
+            raise ConfigError("scheduler: lease_timeout_seconds must be > 0 and eject_seconds >= 0")
+
+    @classmethod
+    def from_config(cls, cfg: LlmeshConfig, *, listen: str) -> SchedulerServiceConfig:
+        """Take the scheduler's settings from the platform config."""
+        s = cfg.scheduler
+        return cls(
+            listen=listen,
+            registry_address=cfg.address_of("registry"),
+            max_queue_wait_seconds=s.max_queue_wait_seconds,
+            max_queue_depth=s.max_queue_depth,
+            lease_timeout_seconds=s.lease_timeout_seconds,
+            eject_seconds=s.eject_seconds,
+            max_message_bytes=cfg.server.max_request_bytes,
+            shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
+        )
+
+
+async def _reclaim_loop(pool: WorkerPool, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        pool.reclaim_expired()
+
+
+async def _serve_when_synced(running: RunningServer, watch: RegistryWatch) -> None:
+    await watch.synced.wait()
+    await running.set_serving(True)
+    log.info("scheduler ready: first registry snapshot applied")
+
+
+async def start_scheduler(config: SchedulerServiceConfig) -> RunningServer:
+    """Start the server and the registry watch; health turns SERVING at the first snapshot.
+
+    Until then Acquire answers UNAVAILABLE, so callers retry rather than see "no worker".
+    """
+    running, _ = await _start(config)
+    return running
+
+
+async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, RegistryWatch]:
+    pool = WorkerPool(
+        max_queue_depth=config.max_queue_depth,
+        lease_timeout_s=config.lease_timeout_seconds,
+        eject_s=config.eject_seconds,
+    )
+    servicer = SchedulerServicer(pool, max_queue_wait_s=config.max_queue_wait_seconds)
+
+    def add(server: aio.Server) -> list[str]:
+        scheduler_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    running = await start_server("scheduler", config.listen, add, max_message_bytes=config.max_message_bytes)
+    watch = RegistryWatch(config.registry_address, pool)
+    watch.start()
+    tasks = [
+        asyncio.create_task(_serve_when_synced(running, watch), name="scheduler-ready"),
+        asyncio.create_task(
+            _reclaim_loop(pool, min(30.0, max(0.05, config.lease_timeout_seconds / 10))),
+            name="scheduler-reclaim",
+        ),
+    ]
+
+    async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Queued Acquires get UNAVAILABLE now (callers retry elsewhere) rather than at the grace's end.
+        pool.close()
+
+    running.on_shutdown.append(shutdown)
+    running.after_stop.append(watch.stop)
+    return running, watch
+
+
+async def serve_scheduler(config: SchedulerServiceConfig, ready_file: Path | None = None) -> None:
+    """Run the scheduler until SIGTERM/SIGINT; `ready_file` gets {"port": N} once it serves
+    (after the first registry snapshot, so start the registry first)."""
+    running, watch = await _start(config)
+    stop = asyncio.create_task(serve_until_signal(running, config.shutdown_grace_seconds))
+    synced = asyncio.create_task(watch.synced.wait())
+    await asyncio.wait({stop, synced}, return_when=asyncio.FIRST_COMPLETED)
+    if synced.done():
+        write_ready_file(ready_file, port=running.port)
+    else:
+        synced.cancel()
+    await stop
