@@ -13,13 +13,13 @@ import time
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.scheduler.v1 import scheduler_service_pb2 as sched_pb
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from llmesh.worker.v1 import worker_service_pb2 as worker_pb
 from llmesh.worker.v1 import worker_service_pb2_grpc as worker_grpc
-
 from tests.support import VllmStack, grpcurl_path
 
 pytestmark = pytest.mark.vllm

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+
 from llmesh.common.config import ModelConfig
 from llmesh.common.server import RunningServer
 from llmesh.model.server import ModelServiceConfig, start_model_service

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
+
 from llmesh.auth.v1 import auth_service_pb2 as pb
 from llmesh.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from llmesh.common.config import LlmeshConfig

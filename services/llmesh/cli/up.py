@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from llmesh.cli.stack import Stack, StackError
 from llmesh.common.config import LlmeshConfig, load_config
 

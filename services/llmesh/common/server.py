@@ -12,15 +12,17 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
 from llmesh.common.interceptors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,7 @@ async def serve_until_signal(running: RunningServer, grace: float) -> None:
     await running.stop(grace)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run an async main with uvloop where installed."""
     try:
         import uvloop

@@ -6,6 +6,7 @@ import time
 
 import grpc
 from grpc import aio
+
 from llmesh.common.errors import DependencyDown, InvalidRequest, NotFound
 from llmesh.model.openai_requests import ModelLimits
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb

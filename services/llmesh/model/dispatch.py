@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
+
 from llmesh.common.channels import insecure_channel
 from llmesh.common.errors import (
     DeadlineExceeded,
@@ -58,7 +59,7 @@ class WorkerChannels:
 
     async def close(self) -> None:
         for channel in self._channels.values():
-            await channel.close()
+            await channel.close(None)
         self._channels.clear()
         self._stubs.clear()
 
@@ -76,7 +77,8 @@ class StreamStats:
 
 
 def _retry_after(error: aio.AioRpcError) -> float | None:
-    for key, value in error.trailing_metadata() or ():
+    pairs: list[tuple[str, str | bytes]] = list(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    for key, value in pairs:
         if key == RETRY_AFTER_HEADER:
             with contextlib.suppress(ValueError):
                 return int(value) / 1000

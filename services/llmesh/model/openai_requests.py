@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf import json_format, struct_pb2
+
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.v1 import common_pb2
 from llmesh.model.v1 import model_service_pb2 as pb

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from google.protobuf import struct_pb2
+
 from llmesh.common.v1 import common_pb2
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.worker.v1 import worker_service_pb2 as worker_pb

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
+
 from llmesh.common.channels import insecure_channel
 from llmesh.common.config import LlmeshConfig
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
@@ -72,8 +73,8 @@ async def start_model_service(config: ModelServiceConfig) -> RunningServer:
     async def close() -> None:
         ready_task.cancel()
         await workers.close()
-        await registry_channel.close()
-        await scheduler_channel.close()
+        await registry_channel.close(None)
+        await scheduler_channel.close(None)
 
     running.after_stop.append(close)
     return running

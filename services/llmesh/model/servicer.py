@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
+
 from llmesh.common.errors import LlmeshError
 from llmesh.common.interceptors import status_for
 from llmesh.common.logs import request_id_var

@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import cast
 
 from grpc import aio
 
 from llmesh.common.errors import DependencyDown
 from llmesh.common.logs import request_id_var
 from llmesh.worker import convert
-from llmesh.worker.engine import Engine, find_model
+from llmesh.worker.engine import Engine, GenerationChunk, find_model
 from llmesh.worker.v1 import worker_service_pb2 as pb
 from llmesh.worker.v1 import worker_service_pb2_grpc as pb_grpc
 
@@ -59,7 +60,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         first = True
         finished: set[int] = set()  # a choice's finish_reason goes out once (n > 1 repeats it)
         try:
-            async with contextlib.aclosing(self._engine.generate(gen_request)) as stream:
+            engine_stream = cast(AsyncGenerator[GenerationChunk, None], self._engine.generate(gen_request))
+            async with contextlib.aclosing(engine_stream) as stream:
                 async for chunk in stream:
                     message = convert.chunk_to_proto(gen_request.request_id, chunk, first, finished)
                     first = False
