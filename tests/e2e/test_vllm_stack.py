@@ -188,3 +188,14 @@ def test_auth_service_answers_unimplemented_honestly(vllm_stack: VllmStack) -> N
     )
     assert result.returncode != 0
     assert "Unimplemented" in result.stderr and "not implemented yet" in result.stderr
+
+
+async def test_tokenize_round_trip_with_the_real_tokenizer(vllm_stack: VllmStack) -> None:
+    async with grpc.aio.insecure_channel(vllm_stack.gateway) as channel:
+        gateway = pb_grpc.ModelServiceStub(channel)
+        tokens = await gateway.Tokenize(
+            pb.TokenizeRequest(model=vllm_stack.model, prompt="the cat sat", add_special_tokens=False)
+        )
+        assert tokens.count == len(tokens.tokens) > 0 and tokens.max_model_len == 2048
+        text = await gateway.Detokenize(pb.DetokenizeRequest(model=vllm_stack.model, tokens=tokens.tokens))
+    assert text.prompt.strip() == "the cat sat"

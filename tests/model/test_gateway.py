@@ -303,3 +303,19 @@ async def test_list_models_is_openai_shaped(stack_factory) -> None:
     assert listing.object == "list"
     card = next(m for m in listing.data if m.id == MODEL.name)
     assert card.object == "model" and card.ready_workers == 1 and "sm" in card.aliases
+
+
+async def test_tokenize_and_detokenize_round_trip_on_a_worker(stack_factory) -> None:
+    stack = await stack_factory({"w0": engine()})
+    tokens = await stack.gateway.Tokenize(pb.TokenizeRequest(model="sm", prompt="tok3 tok4"))
+    assert tokens.count == len(tokens.tokens) > 0 and tokens.max_model_len == MODEL.max_model_len
+    chat_tokens = await stack.gateway.Tokenize(
+        pb.TokenizeRequest(model=MODEL.name, messages=chat("hi").messages)
+    )
+    assert chat_tokens.count > 0
+    text = await stack.gateway.Detokenize(pb.DetokenizeRequest(model=MODEL.name, tokens=tokens.tokens))
+    assert text.prompt
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stack.gateway.Tokenize(pb.TokenizeRequest(model=MODEL.name))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await stack.active_leases() == 0

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc import aio
@@ -40,6 +41,8 @@ _CALLER_ERRORS = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
 }
 _RELEASE_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
 
 
 class WorkerChannels:
@@ -194,3 +197,32 @@ class Dispatcher:
                 if not call.done():
                     call.cancel()  # propagates the client's cancel to the worker → engine abort
                 await self._release(lease, outcome, stats, error_text)
+
+    async def call_worker(
+        self,
+        demand: sched_pb.AcquireRequest,
+        call: Callable[[worker_grpc.WorkerServiceStub], Awaitable[T]],
+        timeout: float | None,
+    ) -> T:
+        """Run one unary worker call (tokenize, detokenize) under a short lease."""
+        lease = await self._acquire(worker_pb.GenerateRequest(), demand, timeout)
+        stats, outcome, error_text = (
+            StreamStats(worker_id=lease.worker_id),
+            sched_pb.OUTCOME_WORKER_FAILED,
+            "",
+        )
+        try:
+            result = await call(self._workers.stub(lease.worker_address))
+            outcome = sched_pb.OUTCOME_SUCCESS
+            return result
+        except aio.AioRpcError as error:
+            error_text = f"{error.code().name}: {error.details()}"
+            caller_error = _CALLER_ERRORS.get(error.code())
+            if caller_error is not None:
+                outcome = sched_pb.OUTCOME_REJECTED
+                raise caller_error(error.details() or "invalid request") from None
+            raise DependencyDown(
+                f"worker {lease.worker_id} failed ({error_text}); retry the request"
+            ) from None
+        finally:
+            await self._release(lease, outcome, stats, error_text)

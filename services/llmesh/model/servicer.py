@@ -9,7 +9,7 @@ from typing import Any
 
 from grpc import aio
 
-from llmesh.common.errors import LlmeshError
+from llmesh.common.errors import InvalidRequest, LlmeshError
 from llmesh.common.interceptors import status_for
 from llmesh.common.logs import request_id_var
 from llmesh.model import openai_responses as out
@@ -164,6 +164,48 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             raise
         if prepared.include_usage:
             yield chunker.usage_chunk(out.usage_of(stats.prompt_tokens, stats.completion_tokens))
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """Tokenize text, or a chat rendered with the model's template, on a worker serving the model."""
+        model = await self._catalog.resolve(request.model)
+        worker_request = worker_pb.TokenizeRequest(
+            model=model.name,
+            add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else True,
+        )
+        if request.messages and request.prompt:
+            raise InvalidRequest("send either prompt or messages, not both")
+        if request.messages:
+            chat = prepare_chat(
+                pb.CreateChatCompletionRequest(model=model.name, messages=request.messages),
+                limits_of(model),
+                _new_request_id(),
+            ).generate.chat
+            worker_request.chat.CopyFrom(chat)
+        elif request.prompt:
+            worker_request.text = request.prompt
+        else:
+            raise InvalidRequest("nothing to tokenize: set prompt or messages")
+        demand = sched_pb.AcquireRequest(request_id=_new_request_id(), model=model.name)
+        reply = await self._dispatcher.call_worker(
+            demand, lambda worker: worker.Tokenize(worker_request, timeout=30), context.time_remaining()
+        )
+        return pb.TokenizeResponse(
+            tokens=reply.token_ids, count=reply.count, max_model_len=reply.max_model_len
+        )
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        """Turn token ids back into text."""
+        model = await self._catalog.resolve(request.model)
+        worker_request = worker_pb.DetokenizeRequest(model=model.name, token_ids=request.tokens)
+        demand = sched_pb.AcquireRequest(request_id=_new_request_id(), model=model.name)
+        reply = await self._dispatcher.call_worker(
+            demand, lambda worker: worker.Detokenize(worker_request, timeout=30), context.time_remaining()
+        )
+        return pb.DetokenizeResponse(prompt=reply.text)
 
     async def ListScenarios(
         self, request: pb.ListScenariosRequest, context: aio.ServicerContext
