@@ -108,9 +108,12 @@ async def start_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpcio reports bind failures this way
+        port = 0
     if port == 0:
-        raise OSError(f"{name}: cannot listen on {listen} (address in use?)")
+        raise OSError(f"{name}: cannot listen on {listen}: address in use or not available; pick another port")
     await server.start()
     running = RunningServer(name=name, server=server, port=port, health=health, service_names=service_names)
     await running.set_serving(False)
