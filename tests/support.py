@@ -40,6 +40,7 @@ class VllmStack:
     scheduler: str
     worker: str
     config_path: Path
+    edge: str = ""  # Envoy "host:port", empty when the edge is not installed
 
 
 def write_stack_config(

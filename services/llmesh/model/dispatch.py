@@ -112,9 +112,7 @@ class Dispatcher:
         self._workers = workers
         self._max_attempts = max(1, max_attempts)
 
-    async def _acquire(
-        self, generate: worker_pb.GenerateRequest, demand: sched_pb.AcquireRequest, timeout: float | None
-    ) -> sched_pb.Lease:
+    async def _acquire(self, demand: sched_pb.AcquireRequest, timeout: float | None) -> sched_pb.Lease:
         try:
             response = await self._scheduler.Acquire(demand, timeout=timeout)
         except aio.AioRpcError as error:
@@ -150,7 +148,7 @@ class Dispatcher:
             stats.attempts += 1
             remaining = None if deadline is None else max(0.001, deadline - loop.time())
             demand.exclude_workers[:] = stats.excluded
-            lease = await self._acquire(generate, demand, remaining)
+            lease = await self._acquire(demand, remaining)
             stats.worker_id = lease.worker_id
             outcome, error_text, started = sched_pb.OUTCOME_WORKER_FAILED, "", False
             call = self._workers.stub(lease.worker_address).Generate(
@@ -205,7 +203,7 @@ class Dispatcher:
         timeout: float | None,
     ) -> T:
         """Run one unary worker call (tokenize, detokenize) under a short lease."""
-        lease = await self._acquire(worker_pb.GenerateRequest(), demand, timeout)
+        lease = await self._acquire(demand, timeout)
         stats, outcome, error_text = (
             StreamStats(worker_id=lease.worker_id),
             sched_pb.OUTCOME_WORKER_FAILED,

@@ -132,6 +132,7 @@ class ChatChunker:
         )
         for delta in message.choices:
             choice = out.choices.add(index=delta.index)
+            choice.delta.SetInParent()  # OpenAI always sends "delta", even an empty one
             if delta.index not in self._started:
                 self._started.add(delta.index)
                 choice.delta.role = "assistant"

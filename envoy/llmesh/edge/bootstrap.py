@@ -1,0 +1,306 @@
+"""Render the Envoy bootstrap of the llmesh edge from EdgeSettings, with envoy-data-plane's types.
+
+One listener: native gRPC passes through to the service its path names; REST/JSON is transcoded
+to the same RPCs. One HTTP/2 cluster per service, actively health-checked with the gRPC health
+protocol; a host that is not SERVING gets no traffic (no panic routing).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from betterproto2 import Casing
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterCommonLbConfig,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    HttpProtocolOptions,
+    KeepaliveSettings,
+    Node,
+    SocketAddress,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint as EnvoyEndpoint
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.config.route.v3 import (
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteActionMaxStreamDuration,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    RequestIdExtension,
+)
+from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions as UpstreamHttpOptions
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptionsExplicitHttpConfig
+from envoy_data_plane.envoy.type.v3 import Percent
+
+from llmesh.edge.filters import access_logs, http_filters, local_reply_config, typed
+from llmesh.edge.settings import GRPC_SERVICE_OF, SERVICE_NAMES, EdgeSettings
+
+LISTENER_NAME = "llmesh_edge"
+# Native gRPC services every llmesh server also serves; through the edge they reach the gateway,
+# so `grpcurl -plaintext EDGE list` and health probes of the edge work.
+GATEWAY_EXTRA_PREFIXES: tuple[str, ...] = ("/grpc.reflection.", "/grpc.health.v1.")
+# Concurrent streams per upstream before Envoy answers 503 itself: LLM streams are long-lived,
+# so Envoy's default of 1024 would cap a busy gateway.
+MAX_UPSTREAM_REQUESTS = 100_000
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+_UPSTREAM_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def route_table() -> list[tuple[str, str]]:
+    """(path prefix, cluster) for every route, in match order. Transcoded REST requests are
+    matched again after transcoding, on their gRPC path, so these prefixes route them too."""
+    table = [(f"/{GRPC_SERVICE_OF[name]}/", name) for name in SERVICE_NAMES]
+    table += [(prefix, "gateway") for prefix in GATEWAY_EXTRA_PREFIXES]
+    return table
+
+
+def _route(prefix: str, cluster: str) -> Route:
+    return Route(
+        name=f"{cluster}:{prefix}",
+        match=RouteMatch(prefix=prefix),
+        route=RouteAction(
+            cluster=cluster,
+            # No overall timeout: token streams and long unary generations run as long as they
+            # need. gRPC clients' own deadlines (grpc-timeout) still apply.
+            timeout=timedelta(0),
+            max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=timedelta(0)),
+            # Only failures that provably never reached the service are retried.
+            retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream", num_retries=1),
+        ),
+    )
+
+
+def route_configuration() -> RouteConfiguration:
+    """One virtual host, a route per service path prefix."""
+    routes = [_route(prefix, cluster) for prefix, cluster in route_table()]
+    return RouteConfiguration(
+        name="llmesh",
+        virtual_hosts=[VirtualHost(name="llmesh", domains=["*"], routes=routes)],
+    )
+
+
+def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:
+    """HTTP/1.1 and HTTP/2 (gRPC) on one port, request ids, JSON errors and access logs."""
+    return HttpConnectionManager(
+        stat_prefix="llmesh_edge",
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        route_config=route_configuration(),
+        http_filters=http_filters(settings),
+        access_log=access_logs(settings),
+        local_reply_config=local_reply_config(settings),
+        # x-request-id: kept when the client sends one, generated otherwise, returned in the
+        # response, and forwarded upstream as gRPC metadata the services log.
+        generate_request_id=True,
+        preserve_external_request_id=True,
+        always_set_request_id_in_response=True,
+        # By default Envoy rewrites one character of a UUID-shaped id to carry its tracing
+        # decision, so the id a client sent would not be the id in the logs.
+        request_id_extension=RequestIdExtension(
+            typed_config=typed(UuidRequestIdConfig(pack_trace_reason=False))
+        ),
+        use_remote_address=True,
+        server_name="llmesh-edge",
+        stream_idle_timeout=_seconds(settings.stream_idle_timeout_s),
+        request_timeout=timedelta(0),
+        request_headers_timeout=_seconds(30),
+        common_http_protocol_options=HttpProtocolOptions(idle_timeout=_seconds(3600)),
+    )
+
+
+def listener(settings: EdgeSettings) -> Listener:
+    """The one public listener."""
+    return Listener(
+        name=LISTENER_NAME,
+        address=Address(
+            socket_address=SocketAddress(address=settings.listen_host, port_value=settings.listen_port)
+        ),
+        # Bodies are buffered (Lua, transcoder) up to this; beyond it the client gets 413.
+        per_connection_buffer_limit_bytes=settings.max_request_bytes,
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=typed(connection_manager(settings)),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def health_check(settings: EdgeSettings, grpc_service: str) -> HealthCheck:
+    """gRPC health checks of one service, frequent even without traffic so a host that comes
+    up (or goes NOT_SERVING) is noticed within seconds."""
+    interval = _seconds(settings.health_check_interval_s)
+    return HealthCheck(
+        timeout=_seconds(settings.health_check_timeout_s),
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_interval=_seconds(min(settings.health_check_interval_s, 1.0)),
+        interval_jitter=timedelta(milliseconds=100),
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=grpc_service),
+    )
+
+
+def cluster(settings: EdgeSettings, service: str) -> Cluster:
+    """An HTTP/2 cluster for `service`: STATIC for an IP address, STRICT_DNS for a name."""
+    endpoint = settings.upstream(service)
+    upstream_options = UpstreamHttpOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions(
+                # Detects a dead upstream connection under a long stream.
+                connection_keepalive=KeepaliveSettings(interval=_seconds(30), timeout=_seconds(10)),
+            )
+        ),
+        common_http_protocol_options=HttpProtocolOptions(idle_timeout=_seconds(3600)),
+    )
+    extra: dict[str, Any] = {}
+    if endpoint.is_ip:
+        extra["type"] = ClusterDiscoveryType.STATIC
+    else:
+        extra["type"] = ClusterDiscoveryType.STRICT_DNS
+        extra["dns_lookup_family"] = ClusterDnsLookupFamily.V4_PREFERRED
+    return Cluster(
+        name=service,
+        connect_timeout=_seconds(settings.connect_timeout_s),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=service,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=EnvoyEndpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(
+                                        address=endpoint.dial_host, port_value=endpoint.port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={_UPSTREAM_OPTIONS_KEY: typed(upstream_options)},
+        health_checks=[health_check(settings, GRPC_SERVICE_OF[service])],
+        # Envoy's default (50%) would route to unhealthy hosts once most are down ("panic");
+        # a NOT_SERVING service must get no traffic, so the client gets a clean 503 instead.
+        common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0)),
+        circuit_breakers=CircuitBreakers(
+            thresholds=[
+                CircuitBreakersThresholds(
+                    max_connections=MAX_UPSTREAM_REQUESTS,
+                    max_pending_requests=MAX_UPSTREAM_REQUESTS,
+                    max_requests=MAX_UPSTREAM_REQUESTS,
+                )
+            ]
+        ),
+        per_connection_buffer_limit_bytes=settings.max_request_bytes,
+        **extra,
+    )
+
+
+def _overload_manager() -> OverloadManager:
+    monitor = DownstreamConnectionsConfig(max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS)
+    return OverloadManager(
+        resource_monitors=[
+            ResourceMonitor(
+                name="envoy.resource_monitors.global_downstream_max_connections",
+                typed_config=typed(monitor),
+            )
+        ]
+    )
+
+
+def bootstrap(settings: EdgeSettings) -> Bootstrap:
+    """The typed bootstrap message."""
+    return Bootstrap(
+        node=Node(id=settings.node_id, cluster="llmesh"),
+        admin=Admin(
+            address=Address(
+                socket_address=SocketAddress(address=settings.admin_host, port_value=settings.admin_port)
+            )
+        ),
+        static_resources=BootstrapStaticResources(
+            listeners=[listener(settings)],
+            clusters=[cluster(settings, name) for name in SERVICE_NAMES],
+        ),
+        overload_manager=_overload_manager(),
+    )
+
+
+def render_bootstrap(settings: EdgeSettings) -> dict[str, Any]:
+    """The bootstrap as plain data (proto JSON with snake_case keys), ready for YAML or JSON."""
+    return bootstrap(settings).to_dict(casing=Casing.SNAKE)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the Lua script) as literal blocks, so the YAML stays readable."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+_HEADER = (
+    "# Envoy bootstrap of the llmesh edge, rendered by llmesh.edge (`llmesh envoy-config`).\n"
+    "# Do not edit: change EdgeSettings or the generator and render again.\n"
+)
+
+
+def render_yaml(settings: EdgeSettings) -> str:
+    """The bootstrap as YAML Envoy loads with `-c`."""
+    return _HEADER + yaml.dump(render_bootstrap(settings), Dumper=_Dumper, sort_keys=False, width=100)
+
+
+__all__ = [
+    "LISTENER_NAME",
+    "bootstrap",
+    "cluster",
+    "connection_manager",
+    "listener",
+    "render_bootstrap",
+    "render_yaml",
+    "route_configuration",
+    "route_table",
+]

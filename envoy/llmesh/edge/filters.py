@@ -1,0 +1,233 @@
+"""The HTTP filters and listener-level pieces of the edge: Lua, the transcoder, local replies, logs.
+
+Filter order matters: Lua reads the body and picks the streaming RPC's path first, then the
+transcoder turns JSON into gRPC (and gRPC statuses back into HTTP ones), then the router.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import betterproto2
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    AndFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    MetadataFilter,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.core.v3 import DataSource, RuntimeUInt32, SubstitutionFormatString
+from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
+    GrpcJsonTranscoder,
+    GrpcJsonTranscoderPrintOptions,
+    GrpcJsonTranscoderRequestValidationOptions,
+    GrpcJsonTranscoderUrlUnescapeSpec,
+)
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import MetadataMatcher, MetadataMatcherPathSegment, ValueMatcher
+from envoy_data_plane.google.protobuf import Any as PbAny
+from envoy_data_plane.google.protobuf import Struct
+
+from llmesh.edge.settings import GRPC_SERVICE_OF, EdgeSettings
+
+# Services the transcoder exposes over REST: every one with google.api.http annotations.
+# (WorkerService is internal: the gateway dials workers, clients never do.)
+PUBLIC_SERVICES: tuple[str, ...] = tuple(GRPC_SERVICE_OF.values())
+
+# Dynamic metadata namespace the Lua filter writes (see lua/edge.lua).
+EDGE_METADATA_NAMESPACE = "llmesh.edge"
+
+# HTTP status -> OpenAI error type, for replies Envoy makes itself (bad JSON, too large, no
+# upstream). Upstream gRPC errors are reshaped by the Lua filter with the same table.
+LOCAL_REPLY_ERROR_TYPE: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
+
+# The `code` of Envoy's own errors, in the style of gRPC status names that upstream errors carry.
+LOCAL_REPLY_CODE: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "INVALID_ARGUMENT",
+    408: "DEADLINE_EXCEEDED",
+    413: "REQUEST_TOO_LARGE",
+    429: "RESOURCE_EXHAUSTED",
+    431: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+# One JSON line per request.
+ACCESS_LOG_FORMAT: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    # The transcoder turns every REST call into a POST; Lua keeps what the client sent.
+    "method": "%DYNAMIC_METADATA(llmesh.edge:method)%",
+    # The path the client asked for; `rpc` is where it went after stream routing and transcoding.
+    "path": "%DYNAMIC_METADATA(llmesh.edge:path)%",
+    "rpc": "%REQ(:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    # For REST calls Envoy derives this from the HTTP status once the transcoder has converted
+    # an error; `error_code` is the status name the service actually sent.
+    "grpc_status": "%GRPC_STATUS(SNAKE_STRING)%",
+    "error_code": "%DYNAMIC_METADATA(llmesh.edge:error_code)%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+    "upstream_ms": "%RESPONSE_DURATION%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "user_agent": "%REQ(USER-AGENT)%",
+}
+
+
+def lua_source() -> str:
+    """The edge's Lua script (stream routing, OpenAI-shaped errors), shipped with this package."""
+    return (resources.files("llmesh.edge") / "lua" / "edge.lua").read_text(encoding="utf-8")
+
+
+def typed(message: betterproto2.Message) -> PbAny:
+    """Pack a typed config message into the `typed_config` Any Envoy expects."""
+    return PbAny.pack(message)
+
+
+def lua_filter() -> HttpFilter:
+    """Routes `"stream": true` to the streaming RPC; reshapes gRPC errors the OpenAI way."""
+    config = Lua(default_source_code=DataSource(inline_string=lua_source()), stat_prefix="llmesh_edge")
+    return HttpFilter(name="envoy.filters.http.lua", typed_config=typed(config))
+
+
+def transcoder_filter(settings: EdgeSettings) -> HttpFilter:
+    """REST/JSON <-> gRPC for every public service, printed the way OpenAI clients parse it."""
+    config = GrpcJsonTranscoder(
+        proto_descriptor=settings.descriptor_path,
+        services=list(PUBLIC_SERVICES),
+        print_options=GrpcJsonTranscoderPrintOptions(
+            # Whitespace inside a JSON chunk would break SSE framing.
+            add_whitespace=False,
+            always_print_primitive_fields=True,
+            preserve_proto_field_names=True,
+            # Streams come out as `data: {...}\n\n` frames (text/event-stream).
+            stream_sse_style_delimited=True,
+        ),
+        # grpc-status -> HTTP status, and a google.rpc.Status JSON body for errors.
+        convert_grpc_status=True,
+        request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
+            # A JSON request for no known method gets 404 here instead of a confusing upstream error.
+            reject_unknown_method=True,
+        ),
+        # Extra query parameters (cache busters, SDK extras) are not worth a 400.
+        ignore_unknown_query_parameters=True,
+        # `GET /v1/models/org%2Fname` means the model "org/name".
+        url_unescape_spec=GrpcJsonTranscoderUrlUnescapeSpec.ALL_CHARACTERS,
+        max_request_body_size=settings.max_request_bytes,
+        max_response_body_size=settings.max_response_bytes,
+    )
+    return HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=typed(config))
+
+
+def router_filter() -> HttpFilter:
+    """The terminal filter."""
+    return HttpFilter(name="envoy.filters.http.router", typed_config=typed(Router()))
+
+
+def http_filters(settings: EdgeSettings) -> list[HttpFilter]:
+    """Lua, then the transcoder, then the router."""
+    return [lua_filter(), transcoder_filter(settings), router_filter()]
+
+
+def _status_is(status: int) -> AccessLogFilter:
+    return AccessLogFilter(
+        status_code_filter=StatusCodeFilter(
+            comparison=ComparisonFilter(
+                op=ComparisonFilterOp.EQ,
+                value=RuntimeUInt32(default_value=status, runtime_key=f"llmesh.local_reply.{status}"),
+            )
+        )
+    )
+
+
+def _plain_http() -> AccessLogFilter:
+    # Set by the Lua filter on requests that are not native gRPC. The request's content-type
+    # cannot tell: after transcoding it is application/grpc too. Native gRPC clients keep
+    # Envoy's gRPC-shaped local replies (grpc-status, grpc-message), untouched.
+    return AccessLogFilter(
+        metadata_filter=MetadataFilter(
+            matcher=MetadataMatcher(
+                filter=EDGE_METADATA_NAMESPACE,
+                path=[MetadataMatcherPathSegment(key="http")],
+                value=ValueMatcher(bool_match=True),
+            ),
+            match_if_key_not_found=False,
+        )
+    )
+
+
+def _local_reply_message(status: int, settings: EdgeSettings) -> str:
+    if status == 413:
+        return f"request body is larger than the limit of {settings.max_request_bytes} bytes"
+    if status == 400:
+        return "invalid request: %LOCAL_REPLY_BODY%"
+    if status in (502, 503):
+        return "service unavailable, retry shortly: %LOCAL_REPLY_BODY%"
+    return "%LOCAL_REPLY_BODY%"
+
+
+def local_reply_config(settings: EdgeSettings) -> LocalReplyConfig:
+    """Envoy's own error replies to HTTP clients as OpenAI error JSON, status unchanged."""
+    mappers = []
+    for status, error_type in LOCAL_REPLY_ERROR_TYPE.items():
+        body = {
+            "error": {
+                "message": _local_reply_message(status, settings),
+                "type": error_type,
+                "code": LOCAL_REPLY_CODE[status],
+                "param": None,
+            }
+        }
+        mappers.append(
+            ResponseMapper(
+                filter=AccessLogFilter(and_filter=AndFilter(filters=[_status_is(status), _plain_http()])),
+                body_format_override=SubstitutionFormatString(json_format=Struct.from_dict(body)),
+            )
+        )
+    return LocalReplyConfig(mappers=mappers)
+
+
+def access_logs(settings: EdgeSettings) -> list[AccessLog]:
+    """A JSON access log line per request, or none when the path is empty."""
+    if not settings.access_log_path:
+        return []
+    config = FileAccessLog(
+        path=settings.access_log_path,
+        log_format=SubstitutionFormatString(json_format=Struct.from_dict(ACCESS_LOG_FORMAT)),
+    )
+    return [AccessLog(name="envoy.access_loggers.file", typed_config=typed(config))]
