@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -88,6 +90,14 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
         address = start_envoy_child(stack, cfg)
         endpoints.insert(0, ("envoy (REST + gRPC)", address))
     return endpoints
+
+
+def _tool(name: str) -> str:
+    """How to call a tool installed next to this Python (the venv's bin), relative when shorter."""
+    beside = Path(sys.executable).parent / name
+    if shutil.which(name) == str(beside) or not beside.exists():
+        return name
+    return os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") else str(beside)
 
 
 def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
