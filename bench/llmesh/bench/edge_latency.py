@@ -40,9 +40,11 @@ async def measure(gateway: str, edge: str, count: int, warmup: int = 50) -> dict
     for name, target in (("grpc direct", gateway), ("grpc via envoy", edge)):
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.ModelServiceStub(channel)
-            results[name] = await _timed(
-                lambda stub=stub: stub.ListModels(pb.ListModelsRequest()), count, warmup
-            )
+
+            async def unary(stub: pb_grpc.ModelServiceStub = stub) -> None:
+                await stub.ListModels(pb.ListModelsRequest())
+
+            results[name] = await _timed(unary, count, warmup)
     async with aiohttp.ClientSession(f"http://{edge}") as http:
 
         async def rest() -> None:
