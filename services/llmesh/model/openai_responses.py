@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from google.protobuf import struct_pb2
 
@@ -18,6 +19,19 @@ FINISH_NAMES = {
     common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
     common_pb2.FINISH_REASON_ERROR: "error",
 }
+
+
+ChunkT = TypeVar("ChunkT", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse, covariant=True)
+
+
+class Chunker(Protocol[ChunkT]):
+    """Builds the stream messages of one OpenAI-shaped streaming response."""
+
+    def chunk(self, message: worker_pb.GenerateResponse) -> ChunkT: ...
+
+    def usage_chunk(self, usage: pb.Usage) -> ChunkT: ...
+
+    def error_chunk(self, error: pb.StreamError) -> ChunkT: ...
 
 
 def finish_name(reason: int) -> str | None:

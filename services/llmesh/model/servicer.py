@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from llmesh.model import openai_responses as out
 from llmesh.model.catalog import ModelCatalog, limits_of
 from llmesh.model.dispatch import Dispatcher, StreamStats
 from llmesh.model.openai_requests import PreparedRequest, prepare_chat, prepare_completion
+from llmesh.model.openai_responses import Chunker, ChunkT
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb
@@ -82,36 +84,22 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         ):
             yield message
 
-    async def CreateChatCompletion(
-        self, request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
-    ) -> pb.CreateChatCompletionResponse:
-        """A whole chat completion (OpenAI stream=false)."""
-        model = await self._catalog.resolve(request.model)
-        rid = _new_request_id()
-        prepared = prepare_chat(request, limits_of(model), rid)
+    async def _collect(
+        self, prepared: PreparedRequest, model: str, context: aio.ServicerContext
+    ) -> tuple[out.ResponseAccumulator, StreamStats]:
+        """Run a generation to the end, for the unary RPCs."""
         stats, acc = StreamStats(), out.ResponseAccumulator()
-        async for message in self._run(prepared, model.name, context, stats):
+        async for message in self._run(prepared, model, context, stats):
             acc.add(message)
-        return pb.CreateChatCompletionResponse(
-            id=f"chatcmpl-{rid}",
-            object="chat.completion",
-            created=out.ChatChunker(rid, model.name).created,
-            model=model.name,
-            choices=acc.chat_choices(),
-            usage=out.usage_of(stats.prompt_tokens, stats.completion_tokens),
-        )
+        return acc, stats
 
-    async def StreamChatCompletion(
-        self, request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
-        """A chat completion streamed as chunks; a failure after the first chunk ends with an error chunk."""
-        model = await self._catalog.resolve(request.model)
-        rid = _new_request_id()
-        prepared = prepare_chat(request, limits_of(model), rid)
-        stats, chunker = StreamStats(), out.ChatChunker(f"chatcmpl-{rid}", model.name)
-        sent = False
+    async def _chunks(
+        self, prepared: PreparedRequest, model: str, context: aio.ServicerContext, chunker: Chunker[ChunkT]
+    ) -> AsyncIterator[ChunkT]:
+        """Each worker message as one chunk; a failure after the first chunk ends with an error chunk."""
+        stats, sent = StreamStats(), False
         try:
-            async for message in self._run(prepared, model.name, context, stats):
+            async for message in self._run(prepared, model, context, stats):
                 if message.choices:
                     sent = True
                     yield chunker.chunk(message)
@@ -124,6 +112,33 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if prepared.include_usage:
             yield chunker.usage_chunk(out.usage_of(stats.prompt_tokens, stats.completion_tokens))
 
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
+    ) -> pb.CreateChatCompletionResponse:
+        """A whole chat completion (OpenAI stream=false)."""
+        model = await self._catalog.resolve(request.model)
+        rid = _new_request_id()
+        acc, stats = await self._collect(prepare_chat(request, limits_of(model), rid), model.name, context)
+        return pb.CreateChatCompletionResponse(
+            id=f"chatcmpl-{rid}",
+            object="chat.completion",
+            created=int(time.time()),
+            model=model.name,
+            choices=acc.chat_choices(),
+            usage=out.usage_of(stats.prompt_tokens, stats.completion_tokens),
+        )
+
+    async def StreamChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        """A chat completion streamed as chunks; a failure after the first chunk ends with an error chunk."""
+        model = await self._catalog.resolve(request.model)
+        rid = _new_request_id()
+        prepared = prepare_chat(request, limits_of(model), rid)
+        chunker = out.ChatChunker(f"chatcmpl-{rid}", model.name)
+        async for chunk in self._chunks(prepared, model.name, context, chunker):
+            yield chunk
+
     async def CreateCompletion(
         self, request: pb.CreateCompletionRequest, context: aio.ServicerContext
     ) -> pb.CreateCompletionResponse:
@@ -131,13 +146,11 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         model = await self._catalog.resolve(request.model)
         rid = _new_request_id()
         prepared = prepare_completion(request, limits_of(model), rid)
-        stats, acc = StreamStats(), out.ResponseAccumulator()
-        async for message in self._run(prepared, model.name, context, stats):
-            acc.add(message)
+        acc, stats = await self._collect(prepared, model.name, context)
         return pb.CreateCompletionResponse(
             id=f"cmpl-{rid}",
             object="text_completion",
-            created=out.ChatChunker(rid, model.name).created,
+            created=int(time.time()),
             model=model.name,
             choices=acc.completion_choices(prepared.echo_text),
             usage=out.usage_of(stats.prompt_tokens, stats.completion_tokens),
@@ -150,20 +163,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         model = await self._catalog.resolve(request.model)
         rid = _new_request_id()
         prepared = prepare_completion(request, limits_of(model), rid)
-        stats, chunker = StreamStats(), out.CompletionChunker(f"cmpl-{rid}", model.name, prepared.echo_text)
-        sent = False
-        try:
-            async for message in self._run(prepared, model.name, context, stats):
-                if message.choices:
-                    sent = True
-                    yield chunker.chunk(message)
-        except LlmeshError as error:
-            if not sent:
-                raise
-            yield chunker.error_chunk(_stream_error(error))
-            raise
-        if prepared.include_usage:
-            yield chunker.usage_chunk(out.usage_of(stats.prompt_tokens, stats.completion_tokens))
+        chunker = out.CompletionChunker(f"cmpl-{rid}", model.name, prepared.echo_text)
+        async for chunk in self._chunks(prepared, model.name, context, chunker):
+            yield chunk
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: aio.ServicerContext
