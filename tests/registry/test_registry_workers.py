@@ -125,6 +125,11 @@ async def test_other_bad_input_and_unimplemented(make_registry: Any) -> None:
             grpc.StatusCode.UNIMPLEMENTED,
             "ExportModels",
         ),
+        (
+            stub.StartModelInstance(registry_pb2.StartModelInstanceRequest(model="m")),
+            grpc.StatusCode.UNIMPLEMENTED,
+            "StartModelInstance",
+        ),
     ]
     for call, code, needle in calls:
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -395,3 +395,40 @@ class WatchWorkersResponse(_message.Message):
     type: WorkerEventType
     worker: Worker
     def __init__(self, type: _Optional[_Union[WorkerEventType, str]] = ..., worker: _Optional[_Union[Worker, _Mapping]] = ...) -> None: ...
+
+class StartModelInstanceRequest(_message.Message):
+    __slots__ = ("model", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StartModelInstanceResponse(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class StopModelInstanceRequest(_message.Message):
+    __slots__ = ("model", "worker_id", "drain_timeout_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker_id: str
+    drain_timeout_seconds: int
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., drain_timeout_seconds: _Optional[int] = ...) -> None: ...
+
+class StopModelInstanceResponse(_message.Message):
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: Worker
+    def __init__(self, worker: _Optional[_Union[Worker, _Mapping]] = ...) -> None: ...

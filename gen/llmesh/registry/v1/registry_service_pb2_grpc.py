@@ -115,6 +115,16 @@ class RegistryServiceStub:
                 request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.SerializeToString,
                 response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.FromString,
                 _registered_method=True)
+        self.StartModelInstance = channel.unary_unary(
+                '/llmesh.registry.v1.RegistryService/StartModelInstance',
+                request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceRequest.SerializeToString,
+                response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceResponse.FromString,
+                _registered_method=True)
+        self.StopModelInstance = channel.unary_unary(
+                '/llmesh.registry.v1.RegistryService/StopModelInstance',
+                request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceRequest.SerializeToString,
+                response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -233,6 +243,20 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartModelInstance(self, request, context):
+        """Starts a new instance (worker) of a model through the deployment backend (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopModelInstance(self, request, context):
+        """Stops one instance of a model: drain, then remove (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +339,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkers,
                     request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.FromString,
                     response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.SerializeToString,
+            ),
+            'StartModelInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartModelInstance,
+                    request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceRequest.FromString,
+                    response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceResponse.SerializeToString,
+            ),
+            'StopModelInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopModelInstance,
+                    request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceRequest.FromString,
+                    response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -750,6 +784,60 @@ class RegistryService:
             '/llmesh.registry.v1.RegistryService/WatchWorkers',
             llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.SerializeToString,
             llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartModelInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.registry.v1.RegistryService/StartModelInstance',
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceRequest.SerializeToString,
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopModelInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.registry.v1.RegistryService/StopModelInstance',
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceRequest.SerializeToString,
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StopModelInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
