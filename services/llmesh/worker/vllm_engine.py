@@ -142,14 +142,16 @@ class VllmEngine:
         return [self._info]
 
     def load(self) -> EngineLoad:
-        idle = self._llm is None or self._llm.get_num_unfinished_requests() == 0
+        unfinished = 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
         st = self._stats
-        # Stats arrive with engine steps only; after an abort the engine goes quiet and the last report
-        # still counts the aborted request. With nothing unfinished, nothing runs and no block is held.
+        # Stats arrive with engine steps only, so they lag: after an abort the last report still counts
+        # the aborted request, and a request that just started may not be counted yet. The frontend's
+        # count of unfinished requests is exact; the stats only split it into waiting and running.
+        waiting = min(st.waiting, unfinished)
         return EngineLoad(
-            running=0 if idle else st.running,
-            waiting=0 if idle else st.waiting,
-            kv_cache_usage=0.0 if idle else st.kv_cache_usage,
+            running=unfinished - waiting,
+            waiting=waiting,
+            kv_cache_usage=st.kv_cache_usage if unfinished else 0.0,
             output_tokens_per_second=self._rate.rate(),
             prefix_cache_hit_rate=st.prefix_hit_rate(),
         )
