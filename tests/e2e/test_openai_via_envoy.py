@@ -161,9 +161,7 @@ async def scripted_edge(stack_factory, tmp_path) -> AsyncIterator:
 
 
 async def test_no_capacity_is_429_with_retry_after(scripted_edge) -> None:
-    _, edge = await scripted_edge(
-        {"w0": engine(tokens_per_second=20)}, max_queue_depth=0, max_queue_wait=0.2
-    )
+    _, edge = await scripted_edge({"w0": engine(tokens_per_second=20)}, max_queue_depth=0, max_queue_wait=0.2)
     body = {"model": MODEL.name, **CHAT, "max_tokens": 60, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=30) as http:
         # MODEL.max_num_seqs == 2: two open streams hold the only worker's capacity.

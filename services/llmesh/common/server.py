@@ -113,7 +113,9 @@ async def start_server(
     except RuntimeError:  # grpcio reports bind failures this way
         port = 0
     if port == 0:
-        raise OSError(f"{name}: cannot listen on {listen}: address in use or not available; pick another port")
+        raise OSError(
+            f"{name}: cannot listen on {listen}: address in use or not available; pick another port"
+        )
     await server.start()
     running = RunningServer(name=name, server=server, port=port, health=health, service_names=service_names)
     await running.set_serving(False)
