@@ -39,8 +39,9 @@ MODEL = ModelConfig(
 class ScriptedStack:
     gateway: pb_grpc.ModelServiceStub
     scheduler: sched_grpc.SchedulerServiceStub
-    addresses: dict[str, str]
+    addresses: dict[str, str]  # the services an Envoy in front of the stack routes to
     engines: dict[str, ScriptedEngine]
+    worker_addresses: dict[str, str] = field(default_factory=dict)
     servers: list[RunningServer] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -88,19 +89,20 @@ async def make_stack(
         )
     )
     servers.append(scheduler)
+    worker_addresses = {}
     for worker_id, engine in engines.items():
-        servers.append(
-            await start_worker(
-                WorkerServiceConfig(
-                    listen="127.0.0.1:0",
-                    model=MODEL,
-                    worker_id=worker_id,
-                    registry_address=registry_address,
-                    heartbeat_interval_seconds=1,
-                ),
-                engine=engine,
-            )
+        worker = await start_worker(
+            WorkerServiceConfig(
+                listen="127.0.0.1:0",
+                model=MODEL,
+                worker_id=worker_id,
+                registry_address=registry_address,
+                heartbeat_interval_seconds=1,
+            ),
+            engine=engine,
         )
+        servers.append(worker)
+        worker_addresses[worker_id] = f"127.0.0.1:{worker.port}"
     scheduler_address = f"127.0.0.1:{scheduler.port}"
     auth = await start_auth(AuthServiceConfig(listen="127.0.0.1:0"))
     servers.append(auth)
@@ -116,6 +118,7 @@ async def make_stack(
         gateway=pb_grpc.ModelServiceStub(gw_channel),
         scheduler=sched_grpc.SchedulerServiceStub(sched_channel),
         engines=engines,
+        worker_addresses=worker_addresses,
         addresses={
             "gateway": f"127.0.0.1:{gateway.port}",
             "registry": registry_address,

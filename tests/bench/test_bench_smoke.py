@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,66 +20,22 @@ from llmesh.bench import plots, report
 from llmesh.bench.clients import GatewayStreamClient, OpenAIStreamClient, WorkerStreamClient
 from llmesh.bench.loadgen import run_level, wait_until_serving
 from llmesh.bench.stats import RequestSample, percentile, summarize
-from llmesh.common.config import ModelConfig
-from llmesh.common.server import RunningServer
-from llmesh.model.server import ModelServiceConfig, start_model_service
-from llmesh.registry.server import RegistryServiceConfig, start_registry
-from llmesh.scheduler.server import SchedulerServiceConfig, start_scheduler
-from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
-from llmesh.worker.server import WorkerServiceConfig, start_worker
+from tests.scripted_stack import MODEL, engine
 
-MODEL = ModelConfig(name="scripted-bench", engine="scripted", max_model_len=512, max_num_seqs=8)
 OUTPUT_TOKENS = 6
 
 
 @dataclass
-class ScriptedStack:
+class BenchTargets:
     worker: str
     gateway: str
 
 
 @pytest.fixture
-async def scripted_stack(tmp_path: Path) -> AsyncIterator[ScriptedStack]:
-    servers: list[RunningServer] = []
-    try:
-        registry = await start_registry(
-            RegistryServiceConfig(
-                listen="127.0.0.1:0",
-                database_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                heartbeat_interval_seconds=1,
-                heartbeat_ttl_seconds=5,
-                models=(MODEL,),
-            )
-        )
-        servers.append(registry)
-        registry_address = f"127.0.0.1:{registry.port}"
-        scheduler = await start_scheduler(
-            SchedulerServiceConfig(listen="127.0.0.1:0", registry_address=registry_address)
-        )
-        servers.append(scheduler)
-        worker = await start_worker(
-            WorkerServiceConfig(
-                listen="127.0.0.1:0",
-                model=MODEL,
-                worker_id="w0",
-                registry_address=registry_address,
-                heartbeat_interval_seconds=1,
-            ),
-            engine=ScriptedEngine(ScriptedSettings(model=MODEL.name, max_model_len=MODEL.max_model_len)),
-        )
-        servers.append(worker)
-        gateway = await start_model_service(
-            ModelServiceConfig(
-                listen="127.0.0.1:0",
-                registry_address=registry_address,
-                scheduler_address=f"127.0.0.1:{scheduler.port}",
-            )
-        )
-        servers.append(gateway)
-        yield ScriptedStack(worker=f"127.0.0.1:{worker.port}", gateway=f"127.0.0.1:{gateway.port}")
-    finally:
-        for server in reversed(servers):
-            await server.stop(0)
+async def scripted_stack(stack_factory) -> BenchTargets:
+    """The shared in-process stack (tests/scripted_stack.py) with one scripted worker."""
+    stack = await stack_factory({"w0": engine()})
+    return BenchTargets(worker=stack.worker_addresses["w0"], gateway=stack.addresses["gateway"])
 
 
 def _check_level(samples: list[RequestSample], requests: int) -> dict:
@@ -94,7 +49,7 @@ def _check_level(samples: list[RequestSample], requests: int) -> dict:
     return summary
 
 
-async def test_load_generator_against_the_worker_and_the_gateway(scripted_stack: ScriptedStack) -> None:
+async def test_load_generator_against_the_worker_and_the_gateway(scripted_stack: BenchTargets) -> None:
     worker = WorkerStreamClient(scripted_stack.worker, MODEL.name, "hello bench", OUTPUT_TOKENS, timeout_s=10)
     gateway = GatewayStreamClient(
         scripted_stack.gateway, MODEL.name, "hello bench", OUTPUT_TOKENS, timeout_s=10
@@ -110,7 +65,7 @@ async def test_load_generator_against_the_worker_and_the_gateway(scripted_stack:
         await gateway.aclose()
 
 
-async def test_errors_are_recorded_not_raised(scripted_stack: ScriptedStack) -> None:
+async def test_errors_are_recorded_not_raised(scripted_stack: BenchTargets) -> None:
     client = GatewayStreamClient(scripted_stack.gateway, "no-such-model", "hi", OUTPUT_TOKENS, timeout_s=10)
     try:
         run = await run_level(client, 2, 2, time_limit_s=10)
