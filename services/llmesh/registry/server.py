@@ -12,7 +12,10 @@ from grpc import aio
 
 from llmesh.common.config import ConfigError, LlmeshConfig, ModelConfig
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.model.v1 import model_service_pb2_grpc as model_grpc
 from llmesh.registry.catalog import Catalog, check_config_models
+from llmesh.registry.model_catalog import SERVICE_NAME as MODEL_SERVICE_NAME
+from llmesh.registry.model_catalog import ModelCatalogServicer
 from llmesh.registry.servicer import RegistryServicer
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -93,7 +96,9 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
 
     def add(server: aio.Server) -> list[str]:
         registry_grpc.add_RegistryServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        # ModelService's catalog reads live here too (the workers serve its inference RPCs).
+        model_grpc.add_ModelServiceServicer_to_server(ModelCatalogServicer(servicer), server)
+        return [SERVICE_NAME, MODEL_SERVICE_NAME]
 
     try:
         running = await start_server(
