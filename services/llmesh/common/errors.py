@@ -47,5 +47,13 @@ class Conflict(LlmeshError):
     """The request conflicts with the current state (already exists, version mismatch)."""
 
 
+class Aborted(LlmeshError):
+    """A concurrent change won (optimistic concurrency): read the current state and retry."""
+
+
+class FailedPrecondition(LlmeshError):
+    """The system is not in a state that allows this (e.g. a lifecycle step out of order)."""
+
+
 class NotImplementedYet(LlmeshError):
     """The feature is part of the contract but not built yet."""

@@ -12,9 +12,11 @@ import grpc
 from grpc import aio
 
 from llmesh.common.errors import (
+    Aborted,
     Conflict,
     DeadlineExceeded,
     DependencyDown,
+    FailedPrecondition,
     Forbidden,
     InvalidRequest,
     LlmeshError,
@@ -39,6 +41,8 @@ STATUS_FOR: dict[type[LlmeshError], grpc.StatusCode] = {
     DependencyDown: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    Aborted: grpc.StatusCode.ABORTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotImplementedYet: grpc.StatusCode.UNIMPLEMENTED,
 }
 
