@@ -8,11 +8,11 @@ from pathlib import Path
 from llmesh.common.config import LlmeshConfig, WorkerConfig
 from llmesh.common.server import run
 
-SERVICES = ("model", "registry", "auth", "scheduler", "worker")
+SERVICES = ("registry", "auth", "scheduler", "worker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("service", choices=SERVICES, help="which service to run ('model' is the gateway)")
+    parser.add_argument("service", choices=SERVICES, help="which service to run")
     parser.add_argument("--listen", help="host:port to listen on (default: from the config's server section)")
     parser.add_argument("--worker-id", help="worker: which `workers:` entry to run (default: the first)")
     parser.add_argument("--data-dir", type=Path, default=Path(".llmesh"), help="SQLite file location")
@@ -39,12 +39,7 @@ def database_url(cfg: LlmeshConfig, data_dir: Path) -> str:
 
 def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
     host = cfg.server.host
-    if args.service == "model":
-        from llmesh.model.server import ModelServiceConfig, serve_model_service
-
-        listen = args.listen or f"{host}:{cfg.server.gateway_port}"
-        run(lambda: serve_model_service(ModelServiceConfig.from_config(cfg, listen=listen), args.ready_file))
-    elif args.service == "registry":
+    if args.service == "registry":
         from llmesh.registry.server import RegistryServiceConfig, serve_registry
 
         listen = args.listen or f"{host}:{cfg.server.registry_port}"
@@ -61,7 +56,10 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
         from llmesh.auth.server import AuthServiceConfig, serve_auth
 
         listen = args.listen or f"{host}:{cfg.server.auth_port}"
-        run(lambda: serve_auth(AuthServiceConfig.from_config(cfg, listen=listen), args.ready_file))
+        auth = AuthServiceConfig.from_config(
+            cfg, listen=listen, database_url=database_url(cfg, args.data_dir)
+        )
+        run(lambda: serve_auth(auth, args.ready_file))
     else:
         from llmesh.worker.server import WorkerServiceConfig, serve_worker
 

@@ -72,9 +72,41 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Whether the gateway requires credentials (AuthService fills this in later)."""
+    """AuthService: whether credentials are required, token lifetimes, API-key hashing, admission.
+
+    Secrets here come from the environment in production (`LLMESH_AUTH__KEY_SECRET`,
+    `LLMESH_AUTH__ADMIN_PASSWORD`); an empty key secret makes AuthService generate one and keep it
+    in its database.
+    """
 
     enabled: bool = False
+    # Access and refresh token lifetimes (the seeds' 24 h / 168 h).
+    access_token_hours: float = 24.0
+    refresh_token_hours: float = 168.0
+    issuer: str = "llmesh"
+    # JWT signature algorithm for new signing keys: EdDSA (Ed25519) or RS256.
+    jwt_algorithm: str = "EdDSA"
+    # HMAC-SHA256 secret API keys are hashed with; empty: generated once and stored in the database.
+    key_secret: str = ""
+    # Admin created on first start when no admin exists; empty password: a random one, printed once.
+    admin_username: str = "admin"
+    admin_password: str = ""
+    # Whether anyone may call Register (public route); admins can always create users and keys.
+    allow_registration: bool = False
+    # Token credits a new user starts with; -1 for unlimited.
+    default_credits: int = 1_000_000
+    # Credits charged per token (prompt and completion alike).
+    credits_per_token: float = 1.0
+    # Default limits of a new user (0: none); keys may set tighter ones.
+    default_rpm: int = 0
+    default_tpm: int = 0
+    default_max_parallel: int = 0
+    # Output tokens reserved when a request sets no max_tokens.
+    default_max_tokens: int = 1024
+    # A reservation nobody settled (crashed caller) is settled after this many seconds.
+    reservation_timeout_seconds: float = 900.0
+    # How long a resolved credential is cached; revocation also reaches caches by Redis pub/sub.
+    credential_cache_seconds: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from llmesh.common.migrations import run_env
+
+run_env()
