@@ -1,5 +1,6 @@
-"""An in-process stack of real servers (registry, scheduler, gateway, workers) on port 0 whose
-workers run the ScriptedEngine test double — for tests about the platform, not about inference."""
+"""An in-process stack of real servers (registry, scheduler, auth, workers) on port 0 whose
+workers run the ScriptedEngine test double — for tests about the platform, not about inference.
+With `edge=True` a real Envoy stands in front (the token path: picker, EDS, workers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +17,6 @@ from google.protobuf import struct_pb2
 from llmesh.auth.server import AuthServiceConfig, start_auth
 from llmesh.common.config import ModelConfig
 from llmesh.common.server import RunningServer
-from llmesh.model.server import ModelServiceConfig, start_model_service
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.registry.server import RegistryServiceConfig, start_registry
@@ -37,13 +38,21 @@ MODEL = ModelConfig(
 
 @dataclass
 class ScriptedStack:
-    gateway: pb_grpc.ModelServiceStub
     scheduler: sched_grpc.SchedulerServiceStub
     addresses: dict[str, str]  # the services an Envoy in front of the stack routes to
     engines: dict[str, ScriptedEngine]
     worker_addresses: dict[str, str] = field(default_factory=dict)
     servers: list[RunningServer] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    envoy: Any = None  # llmesh.edge.EnvoyProcess when started with edge=True
+    # ModelService through Envoy (edge=True), else straight to the first worker.
+    models: pb_grpc.ModelServiceStub | None = None
+
+    def worker_models(self, worker_id: str) -> pb_grpc.ModelServiceStub:
+        """ModelService on one worker, bypassing the edge."""
+        channel = grpc.aio.insecure_channel(self.worker_addresses[worker_id])
+        self.channels.append(channel)
+        return pb_grpc.ModelServiceStub(channel)
 
     async def active_leases(self) -> int:
         status = await self.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
@@ -66,8 +75,10 @@ async def make_stack(
     *,
     max_queue_depth: int = 16,
     max_queue_wait: float = 5.0,
+    edge: bool = False,
 ) -> ScriptedStack:
-    """Start registry, scheduler, workers and gateway; `servers` collects them for teardown."""
+    """Start registry, scheduler, workers and auth (and Envoy with `edge`); `servers` collects
+    them for teardown."""
     registry = await start_registry(
         RegistryServiceConfig(
             listen="127.0.0.1:0",
@@ -104,32 +115,74 @@ async def make_stack(
         servers.append(worker)
         worker_addresses[worker_id] = f"127.0.0.1:{worker.port}"
     scheduler_address = f"127.0.0.1:{scheduler.port}"
-    auth = await start_auth(AuthServiceConfig(listen="127.0.0.1:0"))
-    servers.append(auth)
-    gateway = await start_model_service(
-        ModelServiceConfig(
-            listen="127.0.0.1:0", registry_address=registry_address, scheduler_address=scheduler_address
-        )
+    auth = await start_auth(
+        AuthServiceConfig(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'auth.db'}")
     )
-    servers.append(gateway)
-    gw_channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    servers.append(auth)
     sched_channel = grpc.aio.insecure_channel(scheduler_address)
     stack = ScriptedStack(
-        gateway=pb_grpc.ModelServiceStub(gw_channel),
         scheduler=sched_grpc.SchedulerServiceStub(sched_channel),
         engines=engines,
         worker_addresses=worker_addresses,
         addresses={
-            "gateway": f"127.0.0.1:{gateway.port}",
             "registry": registry_address,
             "scheduler": scheduler_address,
             "auth": f"127.0.0.1:{auth.port}",
         },
         servers=servers,
-        channels=[gw_channel, sched_channel],
+        channels=[sched_channel],
     )
     await _wait_for_workers(stack.scheduler, len(engines))
+    if edge:
+        stack.envoy = await start_stack_edge(stack.addresses, tmp_path / "edge", max_queue_wait)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}")
+        stack.channels.append(channel)
+        stack.models = pb_grpc.ModelServiceStub(channel)
+        await wait_for_edge_workers(stack, len(engines))
+    elif worker_addresses:
+        stack.models = stack.worker_models(next(iter(worker_addresses)))
     return stack
+
+
+async def start_stack_edge(addresses: dict[str, str], run_dir: Path, max_queue_wait: float) -> Any:
+    """A real Envoy in front of the stack (the edge config `llmesh up` uses), on free ports."""
+    from llmesh.edge import EnvoyProcess
+    from llmesh.edge.descriptor import default_descriptor_path
+    from llmesh.edge.settings import EdgeSettings
+
+    settings = EdgeSettings(
+        listen_port=0,
+        admin_port=0,
+        registry=addresses["registry"],
+        auth=addresses["auth"],
+        scheduler=addresses["scheduler"],
+        descriptor_path=str(default_descriptor_path()),
+        access_log_path=str(run_dir / "access.log"),
+        picker_timeout_s=max_queue_wait + 5,
+        health_check_interval_s=0.5,
+    )
+    await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
+    envoy = EnvoyProcess(settings, run_dir)
+    await envoy.start()
+    return envoy
+
+
+async def wait_for_edge_workers(stack: ScriptedStack, count: int) -> None:
+    """Until Envoy's workers cluster has `count` healthy hosts (EDS from the scheduler)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=5) as client:
+        for _ in range(200):
+            text = (await client.get(f"http://127.0.0.1:{stack.envoy.admin_port}/clusters")).text
+            healthy = [
+                line
+                for line in text.splitlines()
+                if line.startswith("llmesh_workers::") and line.endswith("::health_flags::healthy")
+            ]
+            if len(healthy) >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"Envoy never saw {count} healthy workers:\n{text}")
 
 
 @pytest.fixture
@@ -146,6 +199,8 @@ async def stack_factory(tmp_path: Path) -> AsyncIterator:
     for stack in made:
         for channel in stack.channels:
             await channel.close()
+        if stack.envoy is not None:
+            await stack.envoy.stop()
     for server in reversed(servers):
         await server.stop(0)
 

@@ -1,13 +1,15 @@
 """Render the Envoy bootstrap of the llmesh edge from EdgeSettings, with envoy-data-plane's types.
 
-One listener: native gRPC passes through to the service its path names; REST/JSON is transcoded
-to the same RPCs. One HTTP/2 cluster per service, actively health-checked with the gRPC health
-protocol; a host that is not SERVING gets no traffic (no panic routing).
+One public listener: native gRPC passes through to the service its path names; REST/JSON is
+transcoded to the same RPCs. Inference RPCs go to the workers through the endpoint picker
+(llmesh.edge.workers); public control-plane RPCs to their service's HTTP/2 cluster, actively
+health-checked with the gRPC health protocol; internal RPCs have no route at all.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -25,9 +27,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
-    Http2ProtocolOptions,
     HttpProtocolOptions,
-    KeepaliveSettings,
     Node,
     SocketAddress,
 )
@@ -51,66 +51,124 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpFilter,
     RequestIdExtension,
 )
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions as UpstreamHttpOptions
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptionsExplicitHttpConfig
 from envoy_data_plane.envoy.type.v3 import Percent
 
-from llmesh.edge.filters import access_logs, http_filters, local_reply_config, typed
-from llmesh.edge.settings import GRPC_SERVICE_OF, SERVICE_NAMES, EdgeSettings
+from llmesh.edge.descriptor import default_descriptor_path, http_routes
+from llmesh.edge.filters import (
+    access_logs,
+    local_reply_config,
+    lua_filter,
+    router_filter,
+    transcoder_config,
+    transcoder_filter,
+    typed,
+)
+from llmesh.edge.settings import CATALOG_CLUSTER, GRPC_SERVICE_OF, MODEL_SERVICE, SERVICE_NAMES, EdgeSettings
+from llmesh.edge.workers import (
+    MAX_UPSTREAM_REQUESTS,
+    UPSTREAM_OPTIONS_KEY,
+    WORKERS_CLUSTER,
+    http2_upstream_options,
+    inference_paths,
+    inference_routes,
+    picker_filter,
+    picker_off,
+    workers_cluster,
+)
 
 LISTENER_NAME = "llmesh_edge"
-# Native gRPC services every llmesh server also serves; through the edge they reach the gateway,
-# so `grpcurl -plaintext EDGE list` and health probes of the edge work.
-GATEWAY_EXTRA_PREFIXES: tuple[str, ...] = ("/grpc.reflection.", "/grpc.health.v1.")
+# Native gRPC services every llmesh server also serves; through the edge they reach the registry
+# (which serves ModelService's catalog too), so `grpcurl -plaintext EDGE list` and health probes
+# of the edge work.
+CONTROL_EXTRA_PREFIXES: tuple[str, ...] = ("/grpc.reflection.", "/grpc.health.v1.")
 # Concurrent streams per upstream before Envoy answers 503 itself: LLM streams are long-lived,
-# so Envoy's default of 1024 would cap a busy gateway.
-MAX_UPSTREAM_REQUESTS = 100_000
+# so Envoy's default of 1024 would cap a busy service.
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
-
-_UPSTREAM_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+# REST paths of the streaming RPCs (after the Lua filter's `"stream": true` rewrite): their
+# transcoder prints only the fields that are set, as OpenAI's chunks carry them.
+SSE_REST_PATHS: tuple[str, ...] = ("/v1/chat/completions:stream", "/v1/completions:stream")
 
 
 def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
-def route_table() -> list[tuple[str, str]]:
-    """(path prefix, cluster) for every route, in match order. Transcoded REST requests are
-    matched again after transcoding, on their gRPC path, so these prefixes route them too."""
-    table = [(f"/{GRPC_SERVICE_OF[name]}/", name) for name in SERVICE_NAMES]
-    table += [(prefix, "gateway") for prefix in GATEWAY_EXTRA_PREFIXES]
+def public_rpcs(descriptor_path: Path | None = None) -> list[str]:
+    """gRPC paths of the public RPCs: those with a google.api.http binding."""
+    routes = http_routes(descriptor_path or default_descriptor_path())
+    return sorted({route.grpc_path for route in routes})
+
+
+def route_table(descriptor_path: Path | None = None) -> list[tuple[str, str]]:
+    """(gRPC path or prefix, cluster) for every route, in match order. Exact paths for public RPCs
+    only: internal RPCs (RegisterWorker, Acquire, Release, ...) have no route, so the public
+    listener answers them 404 (gRPC UNIMPLEMENTED). Transcoded REST requests are matched again
+    after transcoding, on their gRPC path, so these routes carry them too."""
+    inference = set(inference_paths())
+    cluster_of = {service: cluster for cluster, service in GRPC_SERVICE_OF.items()}
+    cluster_of[MODEL_SERVICE] = CATALOG_CLUSTER
+    table = [(path, WORKERS_CLUSTER) for path in inference_paths()]
+    for path in public_rpcs(descriptor_path):
+        if path not in inference:
+            table.append((path, cluster_of[path.split("/")[1]]))
+    table += [(prefix, CATALOG_CLUSTER) for prefix in CONTROL_EXTRA_PREFIXES]
     return table
 
 
-def _route(prefix: str, cluster: str) -> Route:
+def _control_route(match: str, cluster: str) -> Route:
+    is_prefix = match.endswith((".", "/"))
     return Route(
-        name=f"{cluster}:{prefix}",
-        match=RouteMatch(prefix=prefix),
+        name=f"{cluster}:{match}",
+        match=RouteMatch(prefix=match) if is_prefix else RouteMatch(path=match),
         route=RouteAction(
             cluster=cluster,
-            # No overall timeout: token streams and long unary generations run as long as they
-            # need. gRPC clients' own deadlines (grpc-timeout) still apply.
+            # No overall timeout (watch-style streams); gRPC clients' deadlines still apply.
             timeout=timedelta(0),
             max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=timedelta(0)),
             # Only failures that provably never reached the service are retried.
             retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream", num_retries=1),
         ),
+        typed_per_filter_config=picker_off(),
     )
 
 
-def route_configuration() -> RouteConfiguration:
-    """One virtual host, a route per service path prefix."""
-    routes = [_route(prefix, cluster) for prefix, cluster in route_table()]
+def _sse_route(path: str, settings: EdgeSettings) -> Route:
+    """The REST path of a streaming RPC, carrying the transcoder config that prints only set
+    fields. After transcoding Envoy matches again on the gRPC path (an inference route)."""
+    return Route(
+        name=f"sse:{path}",
+        match=RouteMatch(path=path),
+        route=RouteAction(cluster=WORKERS_CLUSTER, timeout=timedelta(0)),
+        typed_per_filter_config={
+            TRANSCODER_FILTER: typed(transcoder_config(settings, print_unset_fields=False))
+        },
+    )
+
+
+def route_configuration(settings: EdgeSettings) -> RouteConfiguration:
+    """One virtual host: streaming REST paths, inference RPCs (picker on), public control RPCs."""
+    routes = [_sse_route(path, settings) for path in SSE_REST_PATHS]
+    routes += inference_routes(settings)
+    routes += [
+        _control_route(match, cluster) for match, cluster in route_table() if cluster != WORKERS_CLUSTER
+    ]
     return RouteConfiguration(
         name="llmesh",
         virtual_hosts=[VirtualHost(name="llmesh", domains=["*"], routes=routes)],
     )
+
+
+def http_filters(settings: EdgeSettings) -> list[HttpFilter]:
+    """Lua (stream routing, header hygiene), the transcoder, the endpoint picker, the router."""
+    return [lua_filter(), transcoder_filter(settings), picker_filter(settings), router_filter()]
 
 
 def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:
@@ -118,7 +176,7 @@ def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:
     return HttpConnectionManager(
         stat_prefix="llmesh_edge",
         codec_type=HttpConnectionManagerCodecType.AUTO,
-        route_config=route_configuration(),
+        route_config=route_configuration(settings),
         http_filters=http_filters(settings),
         access_log=access_logs(settings),
         local_reply_config=local_reply_config(settings),
@@ -164,8 +222,9 @@ def listener(settings: EdgeSettings) -> Listener:
 
 
 def health_check(settings: EdgeSettings, grpc_service: str) -> HealthCheck:
-    """gRPC health checks of one service, frequent even without traffic so a host that comes
-    up (or goes NOT_SERVING) is noticed within seconds."""
+    """gRPC health checks of one control-plane service, frequent even without traffic so a host
+    that comes up (or goes NOT_SERVING) is noticed within seconds, lenient enough that a busy one
+    is not ejected."""
     interval = _seconds(settings.health_check_interval_s)
     return HealthCheck(
         timeout=_seconds(settings.health_check_timeout_s),
@@ -173,24 +232,15 @@ def health_check(settings: EdgeSettings, grpc_service: str) -> HealthCheck:
         no_traffic_interval=interval,
         unhealthy_interval=_seconds(min(settings.health_check_interval_s, 1.0)),
         interval_jitter=timedelta(milliseconds=100),
-        unhealthy_threshold=2,
+        unhealthy_threshold=settings.health_check_unhealthy_threshold,
         healthy_threshold=1,
         grpc_health_check=HealthCheckGrpcHealthCheck(service_name=grpc_service),
     )
 
 
 def cluster(settings: EdgeSettings, service: str) -> Cluster:
-    """An HTTP/2 cluster for `service`: STATIC for an IP address, STRICT_DNS for a name."""
+    """An HTTP/2 cluster for a control-plane `service`: STATIC for an IP, STRICT_DNS for a name."""
     endpoint = settings.upstream(service)
-    upstream_options = UpstreamHttpOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=Http2ProtocolOptions(
-                # Detects a dead upstream connection under a long stream.
-                connection_keepalive=KeepaliveSettings(interval=_seconds(30), timeout=_seconds(10)),
-            )
-        ),
-        common_http_protocol_options=HttpProtocolOptions(idle_timeout=_seconds(3600)),
-    )
     extra: dict[str, Any] = {}
     if endpoint.is_ip:
         extra["type"] = ClusterDiscoveryType.STATIC
@@ -218,7 +268,7 @@ def cluster(settings: EdgeSettings, service: str) -> Cluster:
                 )
             ],
         ),
-        typed_extension_protocol_options={_UPSTREAM_OPTIONS_KEY: typed(upstream_options)},
+        typed_extension_protocol_options={UPSTREAM_OPTIONS_KEY: typed(http2_upstream_options())},
         health_checks=[health_check(settings, GRPC_SERVICE_OF[service])],
         # Envoy's default (50%) would route to unhealthy hosts once most are down ("panic");
         # a NOT_SERVING service must get no traffic, so the client gets a clean 503 instead.
@@ -260,7 +310,7 @@ def bootstrap(settings: EdgeSettings) -> Bootstrap:
         ),
         static_resources=BootstrapStaticResources(
             listeners=[listener(settings)],
-            clusters=[cluster(settings, name) for name in SERVICE_NAMES],
+            clusters=[*(cluster(settings, name) for name in SERVICE_NAMES), workers_cluster(settings)],
         ),
         overload_manager=_overload_manager(),
     )

@@ -19,11 +19,10 @@ SIDECAR_DESCRIPTOR_PATH = "/etc/llmesh/envoy/llmesh_descriptor.pb"
 EXAMPLES: dict[str, EdgeSettings] = {
     # `llmesh up` on one machine: every service on loopback, run from the repository root.
     "local.yaml": EdgeSettings(),
-    # Envoy as a sidecar of the gateway pod: the gateway on the pod's loopback, the other
-    # services by their Kubernetes Service names.
-    "sidecar.yaml": EdgeSettings(
+    # Envoy as the edge Deployment in Kubernetes: the control-plane services by their Service
+    # names; workers come from the scheduler over EDS (pod IPs).
+    "edge.yaml": EdgeSettings(
         listen_host="0.0.0.0",
-        gateway="127.0.0.1:50051",
         registry="registry:50052",
         auth="auth:50053",
         scheduler="scheduler:50054",

@@ -1,7 +1,8 @@
 """The HTTP filters and listener-level pieces of the edge: Lua, the transcoder, local replies, logs.
 
 Filter order matters: Lua reads the body and picks the streaming RPC's path first, then the
-transcoder turns JSON into gRPC (and gRPC statuses back into HTTP ones), then the router.
+transcoder turns JSON into gRPC (and gRPC statuses back into HTTP ones), then the endpoint picker
+(llmesh.edge.workers) chooses a worker for inference RPCs, then the router.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from envoy_data_plane.envoy.type.matcher.v3 import MetadataMatcher, MetadataMatc
 from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import Struct
 
-from llmesh.edge.settings import GRPC_SERVICE_OF, EdgeSettings
+from llmesh.edge.settings import GRPC_SERVICE_OF, MODEL_SERVICE, EdgeSettings
 
 # Services the transcoder exposes over REST: every one with google.api.http annotations.
-# (WorkerService is internal: the gateway dials workers, clients never do.)
-PUBLIC_SERVICES: tuple[str, ...] = tuple(GRPC_SERVICE_OF.values())
+# (WorkerService is internal: Envoy reaches workers only through ModelService's RPCs.)
+PUBLIC_SERVICES: tuple[str, ...] = (MODEL_SERVICE, *GRPC_SERVICE_OF.values())
 
 # Dynamic metadata namespace the Lua filter writes (see lua/edge.lua).
 EDGE_METADATA_NAMESPACE = "llmesh.edge"
@@ -125,15 +126,18 @@ def lua_filter() -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.lua", typed_config=typed(config))
 
 
-def transcoder_filter(settings: EdgeSettings) -> HttpFilter:
-    """REST/JSON <-> gRPC for every public service, printed the way OpenAI clients parse it."""
-    config = GrpcJsonTranscoder(
+def transcoder_config(settings: EdgeSettings, *, print_unset_fields: bool = True) -> GrpcJsonTranscoder:
+    """REST/JSON <-> gRPC for every public service, printed the way OpenAI clients parse it.
+
+    `print_unset_fields=False` is for token streams: OpenAI's chunks carry only what is set (no
+    empty `tool_calls` per delta); fields OpenAI always prints are `optional` in the contract."""
+    return GrpcJsonTranscoder(
         proto_descriptor=settings.descriptor_path,
         services=list(PUBLIC_SERVICES),
         print_options=GrpcJsonTranscoderPrintOptions(
             # Whitespace inside a JSON chunk would break SSE framing.
             add_whitespace=False,
-            always_print_primitive_fields=True,
+            always_print_primitive_fields=print_unset_fields,
             preserve_proto_field_names=True,
             # Streams come out as `data: {...}\n\n` frames (text/event-stream).
             stream_sse_style_delimited=True,
@@ -151,17 +155,18 @@ def transcoder_filter(settings: EdgeSettings) -> HttpFilter:
         max_request_body_size=settings.max_request_bytes,
         max_response_body_size=settings.max_response_bytes,
     )
-    return HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=typed(config))
+
+
+def transcoder_filter(settings: EdgeSettings) -> HttpFilter:
+    """The transcoder with the default print options (routes may override them)."""
+    return HttpFilter(
+        name="envoy.filters.http.grpc_json_transcoder", typed_config=typed(transcoder_config(settings))
+    )
 
 
 def router_filter() -> HttpFilter:
     """The terminal filter."""
     return HttpFilter(name="envoy.filters.http.router", typed_config=typed(Router()))
-
-
-def http_filters(settings: EdgeSettings) -> list[HttpFilter]:
-    """Lua, then the transcoder, then the router."""
-    return [lua_filter(), transcoder_filter(settings), router_filter()]
 
 
 def _status_is(status: int) -> AccessLogFilter:

@@ -14,18 +14,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from llmesh.common.config import LlmeshConfig
 
-# Upstream services in the order their clusters appear; the names are those of
-# `LlmeshConfig.address_of` and of the Envoy clusters.
-SERVICE_NAMES: tuple[str, ...] = ("gateway", "registry", "auth", "scheduler")
+# Control-plane upstreams in the order their clusters appear; the names are those of
+# `LlmeshConfig.address_of` and of the Envoy clusters. Workers are not listed: the scheduler
+# tells Envoy about them (EDS) and picks one per request (ext_proc).
+SERVICE_NAMES: tuple[str, ...] = ("registry", "auth", "scheduler")
 
 # The gRPC service each upstream serves: its REST routes, its native gRPC path prefix and the
 # name its health checks ask about.
 GRPC_SERVICE_OF: dict[str, str] = {
-    "gateway": "llmesh.model.v1.ModelService",
     "registry": "llmesh.registry.v1.RegistryService",
     "auth": "llmesh.auth.v1.AuthService",
     "scheduler": "llmesh.scheduler.v1.SchedulerService",
 }
+# ModelService is split: the workers serve its inference RPCs, the registry its catalog reads.
+MODEL_SERVICE = "llmesh.model.v1.ModelService"
+CATALOG_CLUSTER = "registry"
 
 # Loopback names the admin interface may bind to; it is never exposed beyond the machine.
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -91,7 +94,6 @@ class EdgeSettings:
     # The admin interface (stats, /ready, /clusters) listens on loopback only.
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901
-    gateway: str = "127.0.0.1:50051"
     registry: str = "127.0.0.1:50052"
     auth: str = "127.0.0.1:50053"
     scheduler: str = "127.0.0.1:50054"
@@ -107,9 +109,23 @@ class EdgeSettings:
     # of a long answer sends nothing until it is done. Streams that carry tokens never hit it.
     stream_idle_timeout_s: float = 900.0
     # Active gRPC health checks of every upstream.
-    health_check_interval_s: float = 2.0
-    health_check_timeout_s: float = 1.0
+    # Active gRPC health checks of the control-plane services: generous enough that a busy but
+    # live process passes (a failed check ejects the only replica), frequent enough to notice a
+    # restart within seconds. Workers are not actively checked: EDS says which are in the pool and
+    # outlier detection ejects one that fails (never one that is merely busy).
+    health_check_interval_s: float = 3.0
+    health_check_timeout_s: float = 5.0
+    health_check_unhealthy_threshold: int = 3
     connect_timeout_s: float = 2.0
+    # How long Envoy waits for the endpoint picker's answer: it may queue a request for capacity up
+    # to the scheduler's max queue wait, so this must exceed that.
+    picker_timeout_s: float = 35.0
+    # Retries of an inference request on the picker's fallback workers, before its first byte only.
+    worker_retries: int = 2
+    # Outlier detection on workers: consecutive gateway failures (UNAVAILABLE, resets, connect
+    # failures) before a worker is ejected, and for how long at first.
+    worker_eject_after_failures: int = 3
+    worker_eject_seconds: float = 10.0
     # Envoy's node id and cluster, shown in its admin interface and logs.
     node_id: str = "llmesh-edge"
 
@@ -133,14 +149,24 @@ class EdgeSettings:
             raise EdgeSettingsError("max_request_bytes and max_response_bytes must be below 4 GiB")
         if not self.descriptor_path:
             raise EdgeSettingsError("descriptor_path: empty; run `make gen` and pass its descriptor set")
-        for name in ("stream_idle_timeout_s", "health_check_interval_s", "health_check_timeout_s"):
+        for name in (
+            "stream_idle_timeout_s",
+            "health_check_interval_s",
+            "health_check_timeout_s",
+            "picker_timeout_s",
+            "worker_eject_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise EdgeSettingsError(f"{name}: must be positive")
+        if self.worker_retries < 0 or self.worker_eject_after_failures < 1:
+            raise EdgeSettingsError("worker_retries must be >= 0 and worker_eject_after_failures >= 1")
+        if self.health_check_unhealthy_threshold < 1:
+            raise EdgeSettingsError("health_check_unhealthy_threshold: must be >= 1")
         if self.connect_timeout_s <= 0:
             raise EdgeSettingsError("connect_timeout_s: must be positive")
 
     def upstream(self, service: str) -> Endpoint:
-        """The parsed address of `service` (gateway, registry, auth, scheduler)."""
+        """The parsed address of `service` (registry, auth, scheduler)."""
         if service not in SERVICE_NAMES:
             raise EdgeSettingsError(f"unknown service {service!r}; known: {list(SERVICE_NAMES)}")
         return Endpoint.parse(getattr(self, service), service)
@@ -150,12 +176,12 @@ class EdgeSettings:
         """Settings for the Envoy in front of the services `cfg` describes."""
         server = cfg.server
         return cls(
-            listen_host=server.host,
+            listen_host=server.public_host or server.host,
             listen_port=server.envoy_port,
             admin_port=server.envoy_admin_port,
             max_request_bytes=server.max_request_bytes,
             descriptor_path=str(descriptor_path),
-            gateway=cfg.address_of("gateway"),
+            picker_timeout_s=cfg.scheduler.max_queue_wait_seconds + 5.0,
             registry=cfg.address_of("registry"),
             auth=cfg.address_of("auth"),
             scheduler=cfg.address_of("scheduler"),

@@ -38,7 +38,6 @@ def stack_settings(stack: Stack, cfg: LlmeshConfig, descriptor_path: Path | None
 
     return dataclasses.replace(
         settings,
-        gateway=address("gateway"),
         registry=address("registry"),
         auth=address("auth"),
         scheduler=address("scheduler"),

@@ -1,9 +1,9 @@
 """Run the whole platform on one machine as child processes (`llmesh up`, and the tests).
 
-Children start in dependency order — registry, scheduler, auth, workers, gateway, Envoy — each
+Children start in dependency order — registry, scheduler, auth, workers, Envoy — each
 with `--ready-file`, so the supervisor learns the port it bound (port 0 works) and hands it to
-the next children as an endpoint override. Stopping sends SIGTERM in reverse order, so each
-service drains and deregisters before the ones it depends on go away.
+the next children as an endpoint override. Stopping drains the workers first (they leave the pool
+and finish their streams through Envoy), then stops Envoy and the rest in reverse order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from pathlib import Path
 # How long a child may take to report ready. Workers load the engine (~30 s for vLLM on CPU).
 READY_TIMEOUT_S = {"worker": 300.0}
 DEFAULT_READY_TIMEOUT_S = 60.0
+# A stopping child drains first (a worker lets its streams finish: server.shutdown_grace_seconds,
+# 30 s by default), so give it that and some before SIGKILL.
+STOP_TIMEOUT_S = 45.0
 
 
 class StackError(RuntimeError):
@@ -117,7 +120,7 @@ class Stack:
                 return c
         raise KeyError(name)
 
-    def stop(self, name: str, timeout_s: float = 30.0) -> int | None:
+    def stop(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM one child and wait for it (SIGKILL after `timeout_s`)."""
         child = self.child(name)
         self._terminate(child, timeout_s)
@@ -146,8 +149,18 @@ class Stack:
                 os.killpg(child.process.pid, signal.SIGKILL)
             child.process.wait()
 
-    def stop_all(self, timeout_s: float = 30.0) -> None:
-        """Stop every child, newest first."""
-        for child in reversed(self.children):
+    def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop every child: workers first, together (each leaves the pool and lets its streams
+        finish while Envoy still relays them), then Envoy, then the rest newest first."""
+        workers = [c for c in self.children if c.kind == "worker"]
+        for child in workers:
+            if child.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+        for child in workers:
+            self._terminate(child, timeout_s)
+        envoy = [c for c in self.children if c.kind == "envoy"]
+        others = [c for c in self.children if c.kind not in ("worker", "envoy")]
+        for child in [*envoy, *reversed(others)]:
             self._terminate(child, timeout_s)
         self.children.clear()

@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name", default="", help="name clients use (default: tiny-llama or the dir name)"
     )
     parser.add_argument("--no-envoy", action="store_true", help="do not start the Envoy edge")
-    parser.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address the services bind (internal RPCs; keep it on loopback)"
+    )
+    parser.add_argument(
+        "--public-host", default="", help="address Envoy's public listener binds (default: --host)"
+    )
 
 
 def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config_path: Path | None) -> Path:
@@ -48,6 +53,8 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
     data = data or {}
     data.setdefault("server", {})
     data["server"]["host"] = args.host  # type: ignore[index]
+    if args.public_host:
+        data["server"]["public_host"] = args.public_host  # type: ignore[index]
     data["models"] = [
         {
             "name": name,
@@ -81,14 +88,11 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
             "worker", name=worker.worker_id, listen=f"{host}:{port}", extra=("--worker-id", worker.worker_id)
         )
         endpoints.append((f"worker {worker.worker_id}", f"{host}:{child.port}"))
-    gateway = stack.start("model", name="gateway", listen=f"{host}:{server.gateway_port}")
-    stack.set_endpoint("gateway", f"{host}:{gateway.port}")
-    endpoints.insert(0, ("gateway (ModelService)", f"{host}:{gateway.port}"))
     if with_envoy:
         from llmesh.edge.supervise import start_envoy_child
 
         address = start_envoy_child(stack, cfg)
-        endpoints.insert(0, ("envoy (REST + gRPC)", address))
+        endpoints.insert(0, ("envoy (public: REST + gRPC)", address))
     return endpoints
 
 
@@ -117,22 +121,23 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
         stack.stop_all()
         return 1
     model = cfg.models[0].name
-    gateway = dict(endpoints)["gateway (ModelService)"]
     print(f"\nllmesh is up in {time.monotonic() - began:.0f}s (logs in {stack.run_dir / 'logs'}):")
     for name, address in endpoints:
-        print(f"  {name:<24} {address}")
-    print("\nTry:")
-    print(f"  grpcurl -plaintext {gateway} list")
-    print(
-        f'  grpcurl -plaintext -d \'{{"model": "{model}", "messages": [{{"role": "user", '
-        f'"content": "Hello"}}], "max_tokens": 32}}\' {gateway} llmesh.model.v1.ModelService/StreamChatCompletion'
-    )
-    if not args.no_envoy:
-        envoy = dict(endpoints)["envoy (REST + gRPC)"]
+        print(f"  {name:<28} {address}")
+    chat = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
+    if args.no_envoy:
+        # Without the edge, a worker serves ModelService's inference RPCs itself.
+        worker = next(address for name, address in endpoints if name.startswith("worker "))
+        print("\nTry (straight to the worker, no edge):")
+        print(f"  grpcurl -plaintext -d '{chat}' {worker} llmesh.model.v1.ModelService/StreamChatCompletion")
+    else:
+        envoy = dict(endpoints)["envoy (public: REST + gRPC)"]
+        print("\nTry:")
+        print(f"  {_tool('grpcurl')} -plaintext {envoy} list")
         print(
-            f"  curl -s http://{envoy}/v1/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}\''
+            f"  {_tool('grpcurl')} -plaintext -d '{chat}' {envoy} llmesh.model.v1.ModelService/StreamChatCompletion"
         )
+        print(f"  curl -s http://{envoy}/v1/chat/completions -H 'content-type: application/json' -d '{chat}'")
     print("\nCtrl-C stops everything.", flush=True)
     try:
         while not stop.is_set():

@@ -32,7 +32,9 @@ class ServerConfig:
     """Where each service listens on one machine, and limits every server shares."""
 
     host: str = "127.0.0.1"
-    gateway_port: int = 50051
+    # Where Envoy's public listener binds (empty: `host`). The services themselves, with their
+    # internal RPCs (worker membership, leases), listen on `host`: keep that inside the mesh.
+    public_host: str = ""
     registry_port: int = 50052
     auth_port: int = 50053
     scheduler_port: int = 50054
@@ -41,15 +43,17 @@ class ServerConfig:
     envoy_admin_port: int = 9901
     # Largest request body any server accepts (the seed's 10 MB).
     max_request_bytes: int = 10 * 1024 * 1024
-    # Seconds in-flight RPCs get to finish on SIGTERM before they are cancelled.
-    shutdown_grace_seconds: float = 10.0
+    # On SIGTERM: health turns NOT_SERVING (workers also leave the pool) and new requests are still
+    # taken for `drain_delay_seconds` while load balancers notice; then in-flight RPCs (token
+    # streams) get up to `shutdown_grace_seconds` to finish before they are cancelled.
+    shutdown_grace_seconds: float = 30.0
+    drain_delay_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
 class EndpointsConfig:
     """Addresses services dial to reach each other; empty means host:port from `server`."""
 
-    gateway: str = ""
     registry: str = ""
     auth: str = ""
     scheduler: str = ""
@@ -140,7 +144,20 @@ class ModelConfig:
     trust_remote_code: bool = False
     enforce_eager: bool = True
     chat_template: str = ""
-    upstream_model: str = ""
+    upstream_model: str = ""  # openai/anthropic: the model's name at the upstream (default: name)
+    # openai/anthropic engines: where the upstream listens and how to authenticate. The key comes
+    # from `api_key`, else from the environment variable named by `api_key_env`; it is never logged.
+    base_url: str = ""
+    api_key_env: str = ""
+    api_key: str = field(default="", repr=False)
+    # openai engine: a local tokenizer (directory or hub id) for tokenize, context checks and usage
+    # when the upstream does not report it.
+    tokenizer: str = ""
+    request_timeout_seconds: float = 60.0  # upstream: connect and between-bytes timeout
+    max_retries: int = 2  # upstream: attempts after the first, only before the answer starts
+    # llamacpp engine (`path` is the .gguf file; `max_model_len` is its context size n_ctx).
+    n_threads: int = 0  # 0: llama.cpp's default (the machine's cores)
+    n_parallel: int = 1  # requests generating at once (one llama.cpp context each); more wait
     cost_per_1k_tokens: float = 0.0
     templates: tuple[TemplateConfig, ...] = ()
 
@@ -158,10 +175,12 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """Worker membership timing."""
+    """Worker membership timing, and a models YAML upserted into the catalog at start-up."""
 
     heartbeat_interval_seconds: int = 2
     heartbeat_ttl_seconds: int = 10
+    # Path of a models YAML (ExportModels' format) upserted at every registry start; empty: none.
+    models_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,18 +191,10 @@ class SchedulerConfig:
     max_queue_wait_seconds: float = 30.0
     # Waiting requests per model before new ones are refused.
     max_queue_depth: int = 256
-    # A lease not released within this many seconds is reclaimed (crashed gateway).
+    # A lease not released within this many seconds is reclaimed (a picker stream that never ended).
     lease_timeout_seconds: float = 900.0
     # Seconds a failed worker is excluded from new leases.
     eject_seconds: float = 10.0
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    """ModelService behaviour."""
-
-    # Attempts to find a worker when one fails before the first token.
-    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -214,12 +225,11 @@ class LlmeshConfig:
     workers: tuple[WorkerConfig, ...] = ()
     registry: RegistryConfig = RegistryConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    gateway: GatewayConfig = GatewayConfig()
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
 
     def address_of(self, service: str) -> str:
-        """The address to dial for `service` (gateway, registry, auth, scheduler)."""
+        """The address to dial for `service` (registry, auth, scheduler)."""
         explicit = getattr(self.endpoints, service)
         if explicit:
             return str(explicit)

@@ -67,13 +67,17 @@ class RunningServer:
         for name in (OVERALL, *self.service_names):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Graceful stop: NOT_SERVING, clean-up hooks, stop(grace), after-stop hooks. Idempotent."""
+    async def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
+        """Graceful stop, idempotent: health NOT_SERVING and the clean-up hooks (deregister), then
+        `drain_delay` seconds in which load balancers notice while new requests are still served,
+        then no new RPCs while in-flight ones get up to `grace` seconds, then the after-stop hooks."""
         if self._stopped:
             return
         self._stopped = True
         await self.set_serving(False)
         await self._run_hooks(self.on_shutdown)
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
         await self.server.stop(grace)
         await self._run_hooks(self.after_stop)
 
@@ -142,11 +146,11 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve_until_signal(running: RunningServer, grace: float) -> None:
-    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+async def serve_until_signal(running: RunningServer, grace: float, drain_delay: float = 0.0) -> None:
+    """Block until SIGTERM/SIGINT, then shut down gracefully (see `RunningServer.stop`)."""
     await wait_for_signal()
-    log.info("%s shutting down", running.name, extra={"grace_s": grace})
-    await running.stop(grace)
+    log.info("%s shutting down", running.name, extra={"grace_s": grace, "drain_delay_s": drain_delay})
+    await running.stop(grace, drain_delay)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

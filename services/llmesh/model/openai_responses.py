@@ -1,75 +1,83 @@
-"""Worker stream messages → OpenAI-shaped chat/text completion responses and chunks."""
+"""Engine deltas → OpenAI-shaped chat/text completion responses and stream chunks.
+
+Built straight from the engine's value objects (no intermediate worker message), because this
+runs once per streamed chunk on the token path.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from google.protobuf import struct_pb2
 
-from llmesh.common.v1 import common_pb2
 from llmesh.model.v1 import model_service_pb2 as pb
-from llmesh.worker.v1 import worker_service_pb2 as worker_pb
-
-FINISH_NAMES = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
-
+from llmesh.worker.engine import ChoiceDelta, GenerationChunk, TokenLogprob
 
 ChunkT = TypeVar("ChunkT", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse, covariant=True)
+
+# The `object` of the last message of a REST stream: the edge's Lua filter turns the frame that
+# carries it into OpenAI's `data: [DONE]` (see envoy/llmesh/edge/lua/edge.lua).
+DONE_SENTINEL = "[DONE]"
 
 
 class Chunker(Protocol[ChunkT]):
     """Builds the stream messages of one OpenAI-shaped streaming response."""
 
-    def chunk(self, message: worker_pb.GenerateResponse) -> ChunkT: ...
+    def chunk(self, deltas: Sequence[ChoiceDelta]) -> ChunkT: ...
 
     def usage_chunk(self, usage: pb.Usage) -> ChunkT: ...
 
     def error_chunk(self, error: pb.StreamError) -> ChunkT: ...
 
-
-def finish_name(reason: int) -> str | None:
-    return FINISH_NAMES.get(reason)  # type: ignore[call-overload]
+    def done_chunk(self) -> ChunkT: ...
 
 
-def usage_of(stats_prompt: int, stats_completion: int) -> pb.Usage:
+def fresh_deltas(chunk: GenerationChunk, finished: set[int]) -> list[ChoiceDelta]:
+    """The chunk's deltas minus repeats of choices already reported finished (n > 1).
+
+    `finished` accumulates the indexes whose end has been passed on.
+    """
+    out = []
+    for delta in chunk.choices:
+        if delta.index in finished:
+            continue
+        if delta.finish_reason:
+            finished.add(delta.index)
+        out.append(delta)
+    return out
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
     return pb.Usage(
-        prompt_tokens=stats_prompt,
-        completion_tokens=stats_completion,
-        total_tokens=stats_prompt + stats_completion,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
-def chat_logprobs(delta: worker_pb.ChoiceDelta) -> pb.ChatLogprobs:
-    return pb.ChatLogprobs(
-        content=[
-            pb.ChatTokenLogprob(
-                token=lp.token,
-                logprob=lp.logprob,
-                bytes=list(lp.token.encode()),
-                top_logprobs=[
-                    pb.ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()))
-                    for t in lp.top_logprobs
-                ],
-            )
-            for lp in delta.logprobs
-        ]
-    )
+def _chat_token(lp: TokenLogprob) -> pb.ChatTokenLogprob:
+    return pb.ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()))
 
 
-def completion_logprobs(delta: worker_pb.ChoiceDelta, offset: int) -> pb.CompletionLogprobs:
+def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> pb.ChatLogprobs:
+    out = pb.ChatLogprobs()
+    for lp in logprobs:
+        token = _chat_token(lp)
+        token.top_logprobs.extend(_chat_token(t) for t in lp.top)
+        out.content.append(token)
+    return out
+
+
+def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int) -> pb.CompletionLogprobs:
     out = pb.CompletionLogprobs()
-    for lp in delta.logprobs:
+    for lp in logprobs:
         out.tokens.append(lp.token)
         out.token_logprobs.append(lp.logprob)
         top = struct_pb2.Struct()
-        for t in lp.top_logprobs:
+        for t in lp.top:
             top.fields[t.token].number_value = t.logprob
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
@@ -80,25 +88,25 @@ def completion_logprobs(delta: worker_pb.ChoiceDelta, offset: int) -> pb.Complet
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = ""
     stop_reason: str = ""
 
 
 class ResponseAccumulator:
-    """Collects a whole worker stream into the choices of a unary response."""
+    """Collects a whole generation into the choices of a unary response."""
 
     def __init__(self) -> None:
         self._choices: dict[int, _Choice] = {}
 
-    def add(self, message: worker_pb.GenerateResponse) -> None:
-        for delta in message.choices:
+    def add(self, deltas: Sequence[ChoiceDelta]) -> None:
+        for delta in deltas:
             choice = self._choices.setdefault(delta.index, _Choice())
             choice.text.append(delta.text)
             choice.logprobs.extend(delta.logprobs)
             if delta.finish_reason:
-                choice.finish_reason = finish_name(delta.finish_reason) or ""
-                choice.stop_reason = delta.stop_reason
+                choice.finish_reason = delta.finish_reason
+                choice.stop_reason = delta.stop_reason or ""
 
     def chat_choices(self) -> list[pb.ChatCompletionChoice]:
         out = []
@@ -110,7 +118,7 @@ class ResponseAccumulator:
                 finish_reason=c.finish_reason or "stop",
             )
             if c.logprobs:
-                choice.logprobs.CopyFrom(chat_logprobs(worker_pb.ChoiceDelta(logprobs=c.logprobs)))
+                choice.logprobs.CopyFrom(chat_logprobs(c.logprobs))
             if c.stop_reason:
                 choice.stop_reason = c.stop_reason
             out.append(choice)
@@ -124,9 +132,7 @@ class ResponseAccumulator:
                 index=index, text=echo_text + "".join(c.text), finish_reason=c.finish_reason or "stop"
             )
             if c.logprobs:
-                choice.logprobs.CopyFrom(
-                    completion_logprobs(worker_pb.ChoiceDelta(logprobs=c.logprobs), len(echo_text))
-                )
+                choice.logprobs.CopyFrom(completion_logprobs(c.logprobs, len(echo_text)))
             if c.stop_reason:
                 choice.stop_reason = c.stop_reason
             out.append(choice)
@@ -134,17 +140,20 @@ class ResponseAccumulator:
 
 
 class ChatChunker:
-    """Turns each worker message into one chat.completion.chunk, immediately (nothing held back)."""
+    """Turns each engine chunk into one chat.completion.chunk, immediately (nothing held back)."""
 
     def __init__(self, response_id: str, model: str) -> None:
         self.response_id, self.model, self.created = response_id, model, int(time.time())
         self._started: set[int] = set()
 
-    def chunk(self, message: worker_pb.GenerateResponse) -> pb.StreamChatCompletionResponse:
-        out = pb.StreamChatCompletionResponse(
+    def _base(self) -> pb.StreamChatCompletionResponse:
+        return pb.StreamChatCompletionResponse(
             id=self.response_id, object="chat.completion.chunk", created=self.created, model=self.model
         )
-        for delta in message.choices:
+
+    def chunk(self, deltas: Sequence[ChoiceDelta]) -> pb.StreamChatCompletionResponse:
+        out = self._base()
+        for delta in deltas:
             choice = out.choices.add(index=delta.index)
             choice.delta.SetInParent()  # OpenAI always sends "delta", even an empty one
             if delta.index not in self._started:
@@ -153,35 +162,29 @@ class ChatChunker:
             if delta.text or not delta.finish_reason:
                 choice.delta.content = delta.text
             if delta.logprobs:
-                choice.logprobs.CopyFrom(chat_logprobs(delta))
-            reason = finish_name(delta.finish_reason)
-            if reason:
-                choice.finish_reason = reason
+                choice.logprobs.CopyFrom(chat_logprobs(delta.logprobs))
+            if delta.finish_reason:
+                choice.finish_reason = delta.finish_reason
                 if delta.stop_reason:
                     choice.stop_reason = delta.stop_reason
         return out
 
     def usage_chunk(self, usage: pb.Usage) -> pb.StreamChatCompletionResponse:
-        return pb.StreamChatCompletionResponse(
-            id=self.response_id,
-            object="chat.completion.chunk",
-            created=self.created,
-            model=self.model,
-            usage=usage,
-        )
+        out = self._base()
+        out.usage.CopyFrom(usage)
+        return out
 
     def error_chunk(self, error: pb.StreamError) -> pb.StreamChatCompletionResponse:
-        return pb.StreamChatCompletionResponse(
-            id=self.response_id,
-            object="chat.completion.chunk",
-            created=self.created,
-            model=self.model,
-            error=error,
-        )
+        out = self._base()
+        out.error.CopyFrom(error)
+        return out
+
+    def done_chunk(self) -> pb.StreamChatCompletionResponse:
+        return pb.StreamChatCompletionResponse(object=DONE_SENTINEL)
 
 
 class CompletionChunker:
-    """Turns each worker message into one text_completion chunk."""
+    """Turns each engine chunk into one text_completion chunk."""
 
     def __init__(self, response_id: str, model: str, echo_text: str) -> None:
         self.response_id, self.model, self.created = response_id, model, int(time.time())
@@ -193,20 +196,21 @@ class CompletionChunker:
             id=self.response_id, object="text_completion", created=self.created, model=self.model
         )
 
-    def chunk(self, message: worker_pb.GenerateResponse) -> pb.StreamCompletionResponse:
+    def chunk(self, deltas: Sequence[ChoiceDelta]) -> pb.StreamCompletionResponse:
         out = self._base()
-        for delta in message.choices:
+        for delta in deltas:
             prefix = ""
             if delta.index not in self._offsets:
                 prefix = self._echo
                 self._offsets[delta.index] = 0
             choice = out.choices.add(index=delta.index, text=prefix + delta.text)
             if delta.logprobs:
-                choice.logprobs.CopyFrom(completion_logprobs(delta, self._offsets[delta.index] + len(prefix)))
+                choice.logprobs.CopyFrom(
+                    completion_logprobs(delta.logprobs, self._offsets[delta.index] + len(prefix))
+                )
             self._offsets[delta.index] += len(prefix) + len(delta.text)
-            reason = finish_name(delta.finish_reason)
-            if reason:
-                choice.finish_reason = reason
+            if delta.finish_reason:
+                choice.finish_reason = delta.finish_reason
                 if delta.stop_reason:
                     choice.stop_reason = delta.stop_reason
         return out
@@ -220,3 +224,6 @@ class CompletionChunker:
         out = self._base()
         out.error.CopyFrom(error)
         return out
+
+    def done_chunk(self) -> pb.StreamCompletionResponse:
+        return pb.StreamCompletionResponse(object=DONE_SENTINEL)

@@ -177,6 +177,21 @@ class WorkerPool:
         self._dispatch(worker.models if worker else [lease.model])
         return True
 
+    def fallbacks(self, lease: Lease, limit: int) -> list[str]:
+        """Addresses of other workers that could take the lease's request now, best first: where
+        Envoy retries when the leased worker fails before its first byte (no lease is taken)."""
+        now = self._clock()
+        others = [
+            w
+            for w in self._workers.values()
+            if lease.model in w.models
+            and w.worker_id != lease.worker_id
+            and not w.cordoned
+            and w.ejected_until <= now
+        ]
+        others.sort(key=lambda w: (w.active >= w.capacity, w.outstanding_tokens, w.active, w.worker_id))
+        return [w.address for w in others[:limit]]
+
     def reclaim_expired(self) -> int:
         """Release leases held past `lease_timeout_s` (a caller that crashed); returns how many."""
         deadline = self._clock() - self._lease_timeout_s

@@ -1,4 +1,5 @@
-"""SchedulerService bootstrap: the pool, the registry watch that feeds it, lease reclaiming, the server."""
+"""SchedulerService bootstrap: the pool, the registry watch that feeds it, lease reclaiming, and the
+server with the SchedulerService RPCs, Envoy's endpoint picker (ext_proc) and the workers' EDS."""
 
 from __future__ import annotations
 
@@ -8,19 +9,30 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from envoy.service.endpoint.v3 import eds_pb2_grpc as eds_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc import aio
 
+from llmesh.common.channels import insecure_channel
 from llmesh.common.config import ConfigError, LlmeshConfig
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from llmesh.scheduler.catalog import ModelCatalog
+from llmesh.scheduler.endpoints import EndpointDiscovery, WorkerEndpoints
+from llmesh.scheduler.picker import EndpointPicker
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.registry_watch import RegistryWatch
 from llmesh.scheduler.servicer import SchedulerServicer
+from llmesh.scheduler.usage import LogUsageSink
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+EXT_PROC_SERVICE = ext_proc_pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class SchedulerServiceConfig:
     max_queue_depth: int = 256
     lease_timeout_seconds: float = 900.0
     eject_seconds: float = 10.0
+    catalog_cache_seconds: float = 5.0
     max_message_bytes: int = 10 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
 
@@ -88,10 +101,17 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
         eject_s=config.eject_seconds,
     )
     servicer = SchedulerServicer(pool, max_queue_wait_s=config.max_queue_wait_seconds)
+    registry_channel = insecure_channel(config.registry_address)
+    catalog = ModelCatalog(registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds)
+    picker = EndpointPicker(pool, catalog, LogUsageSink(), max_queue_wait_s=config.max_queue_wait_seconds)
+    endpoints = WorkerEndpoints(pool)
 
     def add(server: aio.Server) -> list[str]:
         scheduler_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        # Envoy's side of the scheduler: the endpoint picker (ext_proc) and the workers' endpoints (EDS).
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(picker, server)
+        eds_grpc.add_EndpointDiscoveryServiceServicer_to_server(EndpointDiscovery(endpoints), server)
+        return [SERVICE_NAME, EXT_PROC_SERVICE, EDS_SERVICE]
 
     running = await start_server("scheduler", config.listen, add, max_message_bytes=config.max_message_bytes)
     watch = RegistryWatch(config.registry_address, pool)
@@ -102,6 +122,7 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
             _reclaim_loop(pool, min(30.0, max(0.05, config.lease_timeout_seconds / 10))),
             name="scheduler-reclaim",
         ),
+        asyncio.create_task(endpoints.run(), name="scheduler-endpoints"),
     ]
 
     async def shutdown() -> None:
@@ -115,6 +136,11 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
 
     running.on_shutdown.append(shutdown)
     running.after_stop.append(watch.stop)
+
+    async def close_registry_channel() -> None:
+        await registry_channel.close(None)
+
+    running.after_stop.append(close_registry_channel)
     return running, watch
 
 

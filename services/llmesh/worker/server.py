@@ -1,4 +1,4 @@
-"""Worker process: one engine behind WorkerService, registered with the registry."""
+"""Worker process: one engine behind ModelService (public inference) and WorkerService (control)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ from grpc import aio
 from llmesh.common.config import LlmeshConfig, ModelConfig, WorkerConfig
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.model.openai_requests import ModelLimits
+from llmesh.model.v1 import model_service_pb2 as model_pb
+from llmesh.model.v1 import model_service_pb2_grpc as model_grpc
 from llmesh.registry.membership import WorkerMembership
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb
 from llmesh.worker import convert
+from llmesh.worker.activity import Activity
 from llmesh.worker.engine import Engine
 from llmesh.worker.engine_factory import build_engine
+from llmesh.worker.model_servicer import WorkerModelServicer
 from llmesh.worker.servicer import WorkerServicer
 from llmesh.worker.v1 import worker_service_pb2 as pb
 from llmesh.worker.v1 import worker_service_pb2_grpc as pb_grpc
@@ -36,7 +41,8 @@ class WorkerServiceConfig:
     advertise_address: str = ""  # empty: advertise_host:bound port
     heartbeat_interval_seconds: float = 2.0
     max_message_bytes: int = 10 * 1024 * 1024
-    shutdown_grace_seconds: float = 10.0
+    shutdown_grace_seconds: float = 30.0
+    drain_delay_seconds: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -57,6 +63,7 @@ class WorkerServiceConfig:
             heartbeat_interval_seconds=cfg.registry.heartbeat_interval_seconds,
             max_message_bytes=cfg.server.max_request_bytes,
             shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
+            drain_delay_seconds=cfg.server.drain_delay_seconds,
             labels=dict(worker.labels),
         )
 
@@ -66,21 +73,43 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
     engine = engine or build_engine(config.model)
     running: RunningServer | None = None
 
+    activity = Activity(config.worker_id)
+    membership: WorkerMembership | None = None
+    left_pool = False
+
+    async def leave_pool() -> None:
+        nonlocal left_pool
+        if membership is not None and not left_pool:
+            left_pool = True
+            await membership.stop()
+
     async def on_drain() -> None:
+        # Out of the pool first, so the picker stops choosing us; then NOT_SERVING.
+        await leave_pool()
         if running is not None:
             await running.set_serving(False)
 
     servicer = WorkerServicer(
         engine,
-        config.worker_id,
+        activity,
         max_num_seqs=config.model.max_num_seqs,
         labels=config.labels,
         on_drain=on_drain,
     )
+    limits = ModelLimits(
+        name=config.model.name,
+        max_output_tokens=config.model.max_output_tokens or config.model.max_model_len,
+        max_model_len=config.model.max_model_len,
+    )
+    model_servicer = WorkerModelServicer(engine, limits, activity, config.model.aliases)
 
     def add(server: aio.Server) -> list[str]:
         pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-        return [pb.DESCRIPTOR.services_by_name["WorkerService"].full_name]
+        model_grpc.add_ModelServiceServicer_to_server(model_servicer, server)
+        return [
+            pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+            model_pb.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        ]
 
     running = await start_server(
         f"worker {config.worker_id}", config.listen, add, max_message_bytes=config.max_message_bytes
@@ -112,8 +141,8 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
             config.heartbeat_interval_seconds,
         )
         await membership.start()
-        # Leave the registry first so no new leases name us while we stop.
-        running.on_shutdown.append(membership.stop)
+        # Leave the registry first so the picker stops choosing us while in-flight streams finish.
+        running.on_shutdown.append(leave_pool)
     return running
 
 
@@ -121,4 +150,4 @@ async def serve_worker(config: WorkerServiceConfig, ready_file: Path | None = No
     """Run until SIGTERM/SIGINT."""
     running = await start_worker(config)
     write_ready_file(ready_file, port=running.port, worker_id=config.worker_id)
-    await serve_until_signal(running, config.shutdown_grace_seconds)
+    await serve_until_signal(running, config.shutdown_grace_seconds, config.drain_delay_seconds)

@@ -5,10 +5,17 @@
 -- is read here, before the transcoder, and a streaming request is sent to the `:stream` path
 -- that the streaming RPC is bound to.
 --
+-- Such a request is marked (`x-llmesh-sse: 1`) so the worker ends its stream with a sentinel
+-- message, `{"object":"[DONE]"}`, which is rewritten here into OpenAI's `data: [DONE]`.
+--
+-- Every request first loses the `x-llmesh-*` headers a client sent: only the platform (auth,
+-- the endpoint picker) sets those.
+--
 -- Responses: a failed RPC comes back from the transcoder as a google.rpc.Status JSON body
 -- (`{"code":5,"message":"...","details":[]}`); OpenAI clients expect
 -- `{"error":{"message","type","code","param"}}`. Only non-2xx JSON responses are read, so
--- streams are never buffered.
+-- streams are never buffered: an SSE stream's chunks pass as they come, only their tails are
+-- looked at for the sentinel.
 
 -- POST paths whose body decides between the unary and the streaming RPC.
 local STREAM_PATH = {
@@ -36,6 +43,24 @@ local ERROR_TYPE = {
 }
 
 local byte, find, sub = string.byte, string.find, string.sub
+
+local PLATFORM_PREFIX = "x-llmesh-"
+-- The worker's last SSE message as the transcoder prints it (only set fields, no whitespace).
+local DONE_FRAME = 'data: {"object":"[DONE]"}\n\n'
+local DONE = "data: [DONE]\n\n"
+
+-- Drop client-sent x-llmesh-* headers: identity and routing headers are the platform's.
+local function strip_platform_headers(headers)
+  local found = {}
+  for key, _ in pairs(headers) do
+    if sub(key, 1, #PLATFORM_PREFIX) == PLATFORM_PREFIX then
+      found[#found + 1] = key
+    end
+  end
+  for _, key in ipairs(found) do
+    headers:remove(key)
+  end
+end
 
 -- Index just past the JSON string that starts at s[i] == '"', or nil if it never ends.
 local function skip_string(s, i)
@@ -137,6 +162,7 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  strip_platform_headers(headers)
   local method = headers:get(":method") or ""
   local path = headers:get(":path") or ""
   local metadata = handle:streamInfo():dynamicMetadata()
@@ -169,13 +195,35 @@ function envoy_on_request(handle)
   if fields ~= nil and fields["stream"] == "true" then
     -- Headers taken before body() are out of scope now: fetch them again.
     local query = query_at and sub(path, query_at) or ""
-    handle:headers():replace(":path", stream_path .. query)
+    headers = handle:headers()
+    headers:replace(":path", stream_path .. query)
+    headers:replace("x-llmesh-sse", "1")
+    handle:streamInfo():dynamicMetadata():set("llmesh.edge", "sse", true)
+  end
+end
+
+-- An SSE stream passes chunk by chunk; the chunk that ends with the worker's sentinel frame gets
+-- OpenAI's `data: [DONE]` in its place.
+local function finish_sse(handle)
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n >= #DONE_FRAME and chunk:getBytes(n - #DONE_FRAME, #DONE_FRAME) == DONE_FRAME then
+      local head = n > #DONE_FRAME and chunk:getBytes(0, n - #DONE_FRAME) or ""
+      chunk:setBytes(head .. DONE)
+    end
   end
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status") or "")
+  if status == 200 then
+    local edge = handle:streamInfo():dynamicMetadata():get("llmesh.edge")
+    if edge ~= nil and edge["sse"] then
+      finish_sse(handle)
+    end
+    return
+  end
   if status == nil or status < 400 then
     return
   end
@@ -205,7 +253,7 @@ function envoy_on_response(handle)
   handle:streamInfo():dynamicMetadata():set("llmesh.edge", "error_code", code)
   headers = handle:headers()
   headers:replace("content-length", tostring(#reshaped))
-  -- The gateway puts retry hints in `retry-after-ms`; clients that only know `retry-after`
+  -- Services and the picker put retry hints in `retry-after-ms`; clients that only know `retry-after`
   -- (seconds) get that too.
   local retry_ms = tonumber(headers:get("retry-after-ms") or "")
   if retry_ms ~= nil and headers:get("retry-after") == nil then

@@ -1,4 +1,4 @@
-"""The gateway's view of the model catalog: registry lookups with a short cache."""
+"""The picker's view of the model catalog: name and alias lookups at the registry, cached briefly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import grpc
 from grpc import aio
 
 from llmesh.common.errors import DependencyDown, InvalidRequest, NotFound
-from llmesh.model.openai_requests import ModelLimits
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -49,13 +48,3 @@ class ModelCatalog:
                 f"the registry is unavailable ({error.code().name}); retry shortly"
             ) from None
         return [m for m in response.models if m.status != registry_pb.MODEL_STATUS_RETIRED]
-
-
-def limits_of(model: registry_pb.Model) -> ModelLimits:
-    """The request limits the gateway enforces for `model`."""
-    max_len = model.engine.max_model_len or 2048
-    return ModelLimits(
-        name=model.name,
-        max_output_tokens=model.limits.max_output_tokens or max_len,
-        max_model_len=max_len,
-    )
