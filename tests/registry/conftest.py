@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from llmesh.common.config import ModelConfig, TemplateConfig
 from llmesh.common.server import RunningServer
-from llmesh.registry.catalog import metadata
+from llmesh.registry.schema import VERSION_TABLE, metadata
 from llmesh.registry.server import RegistryServiceConfig, start_registry
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tests.support import require
@@ -79,10 +79,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('catalog')}/llmesh.db"
     url: str = request.getfixturevalue(f"{request.param}_database")
-    engine = sa.create_engine(url)
-    metadata.drop_all(engine)
-    engine.dispose()
+    drop_registry_tables(url)
     return url
+
+
+def drop_registry_tables(url: str) -> None:
+    """Drop the registry's tables and its migration history (the next start migrates from scratch)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        metadata.drop_all(conn)
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
+    engine.dispose()
 
 
 @pytest.fixture

@@ -54,13 +54,18 @@ def test_config_wins_on_restart(catalog: Catalog, models: Any) -> None:
     assert tiny.engine["max_model_len"] == 4096
     assert tiny.created_at == created
     assert catalog.get_model("tiny") is None  # the old alias is gone
-    # A new version in the config retires the old one for that name.
+    # A new version in the config sits beside the old one (canaries made by API survive restarts);
+    # reads by name get the newest; retiring is an explicit DeleteModel.
     catalog.upsert_config_models((dataclasses.replace(changed, version="v2"),))
     assert [(m.name, m.version) for m in catalog.list_models() if m.name == "tiny-llama"] == [
-        ("tiny-llama", "v2")
+        ("tiny-llama", "v1"),
+        ("tiny-llama", "v2"),
     ]
-    retired = [m for m in catalog.list_models(include_retired=True) if m.version == "v1"]
-    assert [m.status for m in retired] == [registry_pb2.MODEL_STATUS_RETIRED]
+    assert catalog.get_model("tl").version == "v2"  # type: ignore[union-attr]
+    # Upserting the same config again writes nothing (no new revision, no audit row).
+    before = (catalog.get_model("tl").etag, len(catalog.audit_events()))  # type: ignore[union-attr]
+    catalog.upsert_config_models((dataclasses.replace(changed, version="v2"),))
+    assert (catalog.get_model("tl").etag, len(catalog.audit_events())) == before  # type: ignore[union-attr]
 
 
 def test_colliding_config_is_rejected(models: Any) -> None:
@@ -105,9 +110,7 @@ async def test_unreachable_database_fails_start_with_the_url(models: Any) -> Non
         database_url="postgresql+psycopg://llmesh:secret@127.0.0.1:1/catalog",
         models=models,
     )
-    with pytest.raises(
-        DependencyDown, match=r"cannot reach the catalog database postgresql\+psycopg://llmesh:\*\*\*@"
-    ):
+    with pytest.raises(DependencyDown, match=r"on postgresql\+psycopg://llmesh:\*\*\*@127.0.0.1:1/catalog"):
         await start_registry(config)
 
 

@@ -52,15 +52,20 @@ async def test_membership_waits_for_registry_and_rejoins_after_restart(make_regi
     assert membership.registrations == 1
 
     await first.stop(None)
-    _, stub = await make_registry(listen=f"127.0.0.1:{port}")  # same port, empty membership
+    _, stub = await make_registry(listen=f"127.0.0.1:{port}")  # same port and database
+    # The restarted registry serves the persisted membership at once; heartbeats simply resume.
+    listed = (await stub.ListWorkers(registry_pb2.ListWorkersRequest())).workers
+    assert [w.worker_id for w in listed] == ["w1"]
+    before = (
+        (await stub.ListWorkers(registry_pb2.ListWorkersRequest())).workers[0].last_heartbeat.ToNanoseconds()
+    )
 
-    async def rejoined() -> bool:
-        return [w.worker_id for w in (await stub.ListWorkers(registry_pb2.ListWorkersRequest())).workers] == [
-            "w1"
-        ]
+    async def heartbeating() -> bool:
+        workers = (await stub.ListWorkers(registry_pb2.ListWorkersRequest())).workers
+        return bool(workers) and workers[0].last_heartbeat.ToNanoseconds() > before
 
-    await eventually(rejoined)
-    assert membership.registrations == 2
+    await eventually(heartbeating)
+    assert membership.registrations == 1
     await stub.DrainWorker(registry_pb2.DrainWorkerRequest(worker_id="w1"))
 
     async def told_to_drain() -> bool:
@@ -76,7 +81,7 @@ async def test_membership_rejected_registration_raises(make_registry: Any) -> No
     membership = WorkerMembership(
         f"127.0.0.1:{running.port}", worker(models=("gpt-5",)), load, interval_s=0.1
     )
-    with pytest.raises(InvalidRequest, match=r"INVALID_ARGUMENT.*gpt-5"):
+    with pytest.raises(InvalidRequest, match=r"refused worker 'w1': INVALID_ARGUMENT.*gpt-5"):
         await membership.start()
     await membership.stop()
 

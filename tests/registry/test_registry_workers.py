@@ -105,7 +105,7 @@ async def test_bad_registrations_are_rejected(
     assert needle in err.value.details()
 
 
-async def test_other_bad_input_and_unimplemented(make_registry: Any) -> None:
+async def test_other_bad_input(make_registry: Any) -> None:
     _, stub = await make_registry()
     calls = [
         (stub.GetModel(registry_pb2.GetModelRequest()), grpc.StatusCode.INVALID_ARGUMENT, "name is required"),
@@ -116,19 +116,21 @@ async def test_other_bad_input_and_unimplemented(make_registry: Any) -> None:
             "no live worker 'ghost'",
         ),
         (
-            stub.CreateModel(registry_pb2.CreateModelRequest(model=registry_pb2.Model(name="x"))),
-            grpc.StatusCode.UNIMPLEMENTED,
-            "CreateModel is part of the v1 contract but not implemented yet",
-        ),
-        (
-            stub.ExportModels(registry_pb2.ExportModelsRequest()),
-            grpc.StatusCode.UNIMPLEMENTED,
-            "ExportModels",
+            stub.CreateModel(registry_pb2.CreateModelRequest(model=registry_pb2.Model(name="bad name!"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model.name 'bad name!' is not a valid name",
         ),
         (
             stub.StartModelInstance(registry_pb2.StartModelInstanceRequest(model="m")),
-            grpc.StatusCode.UNIMPLEMENTED,
-            "StartModelInstance",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no supervisor attached",
+        ),
+        (
+            stub.Heartbeat(
+                registry_pb2.HeartbeatRequest(worker_id="w", status=registry_pb2.WORKER_STATUS_CORDONED)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "status: a worker reports READY, DRAINING or FAILED",
         ),
     ]
     for call, code, needle in calls:

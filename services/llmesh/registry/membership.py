@@ -1,8 +1,15 @@
 """The worker side of membership: register, heartbeat with load, re-register, deregister.
 
 A worker creates one `WorkerMembership`, awaits `start()` once its engine is ready, and awaits
-`stop()` when it shuts down. Between the two, a background task heartbeats; when the registry
-answers `known=false` (it restarted and lost its in-memory membership) the worker registers again.
+`stop()` when it shuts down. Between the two, a background task heartbeats with the worker's load
+and its own status (serving, draining, engine failed: `report_status`); when the registry answers
+`known=false` (it lost the worker) the worker registers again.
+
+Every failure is retried with backoff, forever: a registry that is restarting, a database that is
+down (UNAVAILABLE), even an INTERNAL bug on the registry's side. Only an explicit refusal stops the
+loop (an unknown model, a bad address, a worker id another live worker holds at another address,
+a caller without permission): `refusal` then says why and `refused` is set, so the worker process
+can exit instead of serving outside the pool.
 """
 
 from __future__ import annotations
@@ -17,25 +24,36 @@ import grpc
 from grpc import aio
 
 from llmesh.common.channels import channel_options
-from llmesh.common.errors import InvalidRequest
+from llmesh.common.errors import Conflict, InvalidRequest
 from llmesh.common.v1 import common_pb2
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 log = logging.getLogger(__name__)
 
-# Codes that mean "the registry is not there right now": keep trying. Anything else (a rejected
-# registration, say) is a configuration problem that retrying cannot fix.
-RETRYABLE = frozenset(
+# Answers that are a decision about this worker, which retrying cannot change. Every other code
+# (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, ...) is transient: retry.
+REFUSALS = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
     }
 )
+
+
+class MembershipRefused(InvalidRequest):
+    """The registry refused this worker (explicitly, not because something was down)."""
+
+
+def _refusal(worker_id: str, e: aio.AioRpcError) -> MembershipRefused:
+    error = MembershipRefused(f"the registry refused worker {worker_id!r}: {e.code().name}: {e.details()}")
+    if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+        error.__cause__ = Conflict(e.details() or "")
+    return error
+
 
 # Control-plane channels reconnect quickly after a peer restart (gRPC's default backoff grows to 120 s).
 RECONNECT_OPTIONS = [
@@ -67,6 +85,7 @@ class WorkerMembership:
         *,
         rpc_timeout_s: float = 5.0,
         max_backoff_s: float = 5.0,
+        on_refused: Callable[[MembershipRefused], None] | None = None,
     ) -> None:
         if isinstance(channel_or_address, str):
             self._channel = control_channel(channel_or_address)
@@ -82,11 +101,19 @@ class WorkerMembership:
         self._rpc_timeout_s = rpc_timeout_s
         self._max_backoff_s = max_backoff_s
         self._period_s = interval_s or 2.0
+        self._on_refused = on_refused
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._reported: int = worker.status or registry_pb2.WORKER_STATUS_READY
         self.status: int = registry_pb2.WORKER_STATUS_UNSPECIFIED
         """The status the registry last reported (DRAINING when an operator asked for a drain)."""
         self.registrations = 0
-        """How many times the worker registered (more than 1 after registry restarts)."""
+        """How many times the worker registered (more than 1 after the registry lost it)."""
+        self.refused = asyncio.Event()
+        """Set when the registry refused the worker; the loop has stopped (see `refusal`)."""
+        self.refusal: MembershipRefused | None = None
+        self.failed_heartbeats = 0
+        """Heartbeats that failed (transient errors), in total."""
 
     @property
     def worker_id(self) -> str:
@@ -96,11 +123,26 @@ class WorkerMembership:
     async def start(self) -> None:
         """Register (retrying with backoff while the registry is unreachable), then heartbeat.
 
-        Raises `InvalidRequest` when the registry rejects the worker (unknown model, bad address):
-        retrying would not help.
+        Raises `MembershipRefused` (an InvalidRequest) when the registry refuses the worker
+        (unknown model, bad address, id in use elsewhere): retrying would not help.
         """
         await self._register_until_accepted()
         self._task = asyncio.create_task(self._heartbeat_loop(), name=f"membership-{self.worker_id}")
+
+    def report_status(self, status: int) -> None:
+        """What the worker says about itself: READY (serving), DRAINING, or FAILED (engine died).
+
+        Sent with the next heartbeat, which goes out now rather than at the next period.
+        """
+        if status != self._reported:
+            self._reported = status
+            self._worker.status = status  # type: ignore[assignment]
+            self._wake.set()
+
+    @property
+    def reported_status(self) -> int:
+        """The status this worker reports about itself."""
+        return self._reported
 
     async def stop(self) -> None:
         """Stop heartbeating and deregister (best effort: a registry that is down evicts us anyway)."""
@@ -121,7 +163,8 @@ class WorkerMembership:
 
     async def _register_once(self) -> None:
         request = registry_pb2.RegisterWorkerRequest(worker=self._worker)
-        request.worker.load.CopyFrom(self._load_fn())
+        request.worker.status = self._reported  # type: ignore[assignment]
+        request.worker.load.CopyFrom(self._load())
         response = await self._stub.RegisterWorker(request, timeout=self._rpc_timeout_s)
         period = self._interval_s or float(response.heartbeat_interval_seconds or 2)
         if response.lease_ttl_seconds:
@@ -131,6 +174,14 @@ class WorkerMembership:
         self.registrations += 1
         log.info("registered %s with the registry", self.worker_id, extra={"heartbeat_s": period})
 
+    def _load(self) -> common_pb2.WorkerLoad:
+        try:
+            return self._load_fn()
+        except Exception:
+            # A broken load probe must not cost the worker its membership.
+            log.exception("load of %s could not be read; heartbeating without it", self.worker_id)
+            return common_pb2.WorkerLoad()
+
     async def _register_until_accepted(self) -> None:
         backoff = 0.1
         while True:
@@ -138,41 +189,66 @@ class WorkerMembership:
                 await self._register_once()
                 return
             except aio.AioRpcError as e:
-                if e.code() not in RETRYABLE:
-                    raise InvalidRequest(
-                        f"the registry rejected worker {self.worker_id!r}: {e.code().name}: {e.details()}"
-                    ) from None
+                if e.code() in REFUSALS:
+                    raise _refusal(self.worker_id, e) from None
                 log.warning(
-                    "registry unreachable while registering %s (%s); retrying in %.1fs",
+                    "registering %s failed (%s: %s); retrying in %.1fs",
                     self.worker_id,
                     e.code().name,
+                    e.details(),
                     backoff,
                 )
+            except Exception:
+                log.exception("registering %s failed; retrying in %.1fs", self.worker_id, backoff)
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self._max_backoff_s)
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next heartbeat is due, or until `report_status` wants one now."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
     async def _heartbeat_loop(self) -> None:
         failing = False
+        retry_s = 0.1
+        delay = self._period_s
         while True:
-            await asyncio.sleep(self._period_s)
+            await self._pause(delay)
+            delay = self._period_s
             try:
                 response = await self._stub.Heartbeat(
-                    registry_pb2.HeartbeatRequest(worker_id=self.worker_id, load=self._load_fn()),
+                    registry_pb2.HeartbeatRequest(
+                        worker_id=self.worker_id,
+                        load=self._load(),
+                        status=self._reported,  # type: ignore[arg-type]
+                    ),
                     timeout=self._rpc_timeout_s,
                 )
                 if failing:
                     log.info("registry reachable again for %s", self.worker_id)
-                    failing = False
+                    failing, retry_s = False, 0.1
                 if response.known:
                     self.status = response.status
                 else:
                     log.info("registry does not know %s (restarted?); registering again", self.worker_id)
                     await self._register_until_accepted()
-            except aio.AioRpcError as e:
-                # Log the first failure of a streak only; the heartbeat keeps its pace meanwhile.
-                if not failing:
-                    log.warning("heartbeat of %s failed: %s", self.worker_id, e.code().name)
-                    failing = True
-            except InvalidRequest:
-                log.exception("registry rejected %s on re-registration; heartbeats stop", self.worker_id)
+            except MembershipRefused as refusal:
+                log.error("%s; heartbeats stop", refusal.message)
+                self.refusal = refusal
+                self.refused.set()
+                if self._on_refused is not None:
+                    self._on_refused(refusal)
                 return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # Transient: retry sooner than the period (backing off up to it), so a worker is
+                # back within moments of the registry or its database coming back.
+                self.failed_heartbeats += 1
+                if not failing:
+                    code = e.code().name if isinstance(e, aio.AioRpcError) else type(e).__name__
+                    log.warning("heartbeat of %s failed (%s); retrying with backoff", self.worker_id, code)
+                    failing = True
+                delay = min(retry_s * random.uniform(0.8, 1.2), self._period_s)
+                retry_s = min(retry_s * 2, self._max_backoff_s)

@@ -1,4 +1,5 @@
-"""RegistryService bootstrap: catalog schema and config models, membership eviction, the gRPC server."""
+"""RegistryService bootstrap: migrations, config models and the models file, the last known
+membership, eviction and write-behind loops, the gRPC server."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 from grpc import aio
 
 from llmesh.common.config import ConfigError, LlmeshConfig, ModelConfig
+from llmesh.common.errors import InvalidRequest
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
 from llmesh.model.v1 import model_service_pb2_grpc as model_grpc
 from llmesh.registry.catalog import Catalog, check_config_models
+from llmesh.registry.catalog_writes import parse_models_yaml
 from llmesh.registry.model_catalog import SERVICE_NAME as MODEL_SERVICE_NAME
 from llmesh.registry.model_catalog import ModelCatalogServicer
 from llmesh.registry.servicer import RegistryServicer
+from llmesh.registry.traffic import TrafficFeed
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from llmesh.registry.worker_store import WorkerStore, flush, write_behind
 from llmesh.registry.workers import WorkerTable
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,10 @@ class RegistryServiceConfig:
     models: tuple[ModelConfig, ...] = ()
     max_message_bytes: int = 10 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
+    # A models YAML upserted at every start-up (after the config's models).
+    models_file: Path | None = None
+    # Seconds between write-behinds of membership changes.
+    persist_interval_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -54,9 +63,13 @@ class RegistryServiceConfig:
         check_config_models(self.models)
 
     @classmethod
-    def from_config(cls, cfg: LlmeshConfig, *, listen: str, database_url: str) -> RegistryServiceConfig:
-        """Take the registry's settings from the platform config; `database_url` wins over the file's."""
+    def from_config(
+        cls, cfg: LlmeshConfig, *, listen: str, database_url: str, models_file: Path | None = None
+    ) -> RegistryServiceConfig:
+        """Take the registry's settings from the platform config; arguments win over the file's."""
+        configured = cfg.registry.models_file
         return cls(
+            models_file=models_file or (Path(configured) if configured else None),
             listen=listen,
             database_url=database_url or cfg.database.url,
             heartbeat_ttl_seconds=float(cfg.registry.heartbeat_ttl_seconds),
@@ -73,25 +86,61 @@ async def _evict_loop(workers: WorkerTable, period_s: float) -> None:
         workers.evict_expired()
 
 
+def _read_models_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise ConfigError(f"models file {path}: cannot read it ({e.strerror})") from None
+
+
+async def _prepare_catalog(
+    config: RegistryServiceConfig, catalog: Catalog, store: WorkerStore
+) -> list[tuple[registry_pb2.Worker, int]]:
+    """Migrate, upsert the config's models and the models file, load the last membership."""
+    await asyncio.to_thread(catalog.migrate)
+    await asyncio.to_thread(catalog.upsert_config_models, config.models)
+    if config.models_file is not None:
+        text = _read_models_file(config.models_file)
+        try:
+            specs = parse_models_yaml(text)
+            result = await asyncio.to_thread(
+                catalog.import_specs, specs, replace=False, actor="models-file", where="models"
+            )
+        except InvalidRequest as e:
+            raise ConfigError(f"models file {config.models_file}: {e.message}") from None
+        log.info(
+            "models file upserted",
+            extra={"path": str(config.models_file), "created": result.created, "updated": result.updated},
+        )
+    return await asyncio.to_thread(store.load)
+
+
 async def start_registry(config: RegistryServiceConfig) -> RunningServer:
     """Prepare the catalog, start the server, then report SERVING.
 
-    The database is set up before the port opens, so no RPC ever sees a half-ready catalog; an
+    The database is migrated before the port opens, so no RPC ever sees a half-ready catalog; an
     unreachable database fails start-up with UNAVAILABLE-style `DependencyDown` naming the URL.
+    Membership starts from the last persisted view (each worker with a fresh TTL), so schedulers
+    that re-watch after a restart keep their pools.
     """
     catalog = Catalog.from_url(config.database_url)
+    store = WorkerStore(catalog.engine)
     try:
-        await asyncio.to_thread(catalog.create_schema)
-        await asyncio.to_thread(catalog.upsert_config_models, config.models)
+        saved = await _prepare_catalog(config, catalog, store)
+        traffic = TrafficFeed(await asyncio.to_thread(catalog.traffic_splits))
     except BaseException:
         catalog.dispose()
         raise
-    workers = WorkerTable(config.heartbeat_ttl_seconds)
+    workers = WorkerTable(
+        config.heartbeat_ttl_seconds, conflict_window_s=2 * config.heartbeat_interval_seconds
+    )
+    workers.restore(saved)
     servicer = RegistryServicer(
         catalog,
         workers,
         ttl_s=config.heartbeat_ttl_seconds,
         heartbeat_interval_s=config.heartbeat_interval_seconds,
+        traffic=traffic,
     )
 
     def add(server: aio.Server) -> list[str]:
@@ -111,15 +160,21 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
     evictor = asyncio.create_task(
         _evict_loop(workers, min(1.0, config.heartbeat_ttl_seconds / 4)), name="registry-evictor"
     )
+    persister = asyncio.create_task(
+        write_behind(workers, store, config.persist_interval_seconds), name="registry-membership-writer"
+    )
 
     async def shutdown() -> None:
-        evictor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await evictor
+        for task in (evictor, persister):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # Ends watch streams now, so schedulers reconnect instead of waiting out the grace period.
         workers.close_watchers()
+        traffic.close()
 
     async def close_catalog() -> None:
+        await flush(workers, store)
         await asyncio.to_thread(catalog.dispose)
 
     running.on_shutdown.append(shutdown)

@@ -1,8 +1,8 @@
-"""RegistryService RPCs: the catalog reads and worker membership.
+"""RegistryService RPCs: catalog reads, worker membership and its watch.
 
-Admin catalog writes (CreateModel, UpdateModel, DeleteModel, SetAlias, SetTrafficWeights,
-ImportModels, ExportModels) are not overridden: the generated base raises NotImplementedError,
-which the runtime's interceptor answers with UNIMPLEMENTED.
+The admin catalog writes come from `CatalogAdminRpcs` (admin_rpcs.py). Membership never depends on
+the database being up: liveness is in memory, persistence is written behind, and model names
+resolve from the last known catalog during an outage, so a database error is UNAVAILABLE at worst.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from llmesh.common.errors import InvalidRequest, NotFound
+from llmesh.common.errors import DependencyDown, FailedPrecondition, InvalidRequest, NotFound
+from llmesh.registry.admin_rpcs import CatalogAdminRpcs
 from llmesh.registry.catalog import Catalog
 from llmesh.registry.model_proto import model_to_proto
+from llmesh.registry.traffic import TrafficFeed
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from llmesh.registry.workers import WorkerTable
@@ -43,22 +45,37 @@ def _check_address(address: str) -> None:
         )
 
 
-class RegistryServicer(registry_grpc.RegistryServiceServicer):
+_REPORTABLE = (
+    registry_pb2.WORKER_STATUS_UNSPECIFIED,
+    registry_pb2.WORKER_STATUS_READY,
+    registry_pb2.WORKER_STATUS_DRAINING,
+    registry_pb2.WORKER_STATUS_FAILED,
+)
+
+
+class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
     """Serves the catalog (SQL, via `Catalog`) and live membership (memory, via `WorkerTable`)."""
 
     def __init__(
-        self, catalog: Catalog, workers: WorkerTable, *, ttl_s: float, heartbeat_interval_s: float
+        self,
+        catalog: Catalog,
+        workers: WorkerTable,
+        *,
+        ttl_s: float,
+        heartbeat_interval_s: float,
+        traffic: TrafficFeed | None = None,
     ) -> None:
         self._catalog = catalog
         self._workers = workers
         self._ttl_s = ttl_s
         self._interval_s = heartbeat_interval_s
+        self._traffic = traffic or TrafficFeed()
 
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: aio.ServicerContext
     ) -> registry_pb2.ListModelsResponse:
         """Catalog models with their ready-worker counts; `only_ready` keeps those with one or more."""
-        models = await asyncio.to_thread(self._catalog.list_models)
+        models = await asyncio.to_thread(self._catalog.list_models, include_retired=request.include_retired)
         counts = self._workers.ready_counts()
         out = [model_to_proto(m, counts.get(m.name, 0)) for m in models]
         if request.only_ready:
@@ -68,25 +85,32 @@ class RegistryServicer(registry_grpc.RegistryServiceServicer):
     async def GetModel(
         self, request: registry_pb2.GetModelRequest, context: aio.ServicerContext
     ) -> registry_pb2.GetModelResponse:
-        """One model by name or alias; NOT_FOUND lists the names and aliases that exist."""
+        """One model by name or alias (a version, or the newest live one); NOT_FOUND lists the names."""
         if not request.name:
             raise InvalidRequest("name is required: a model name or alias (see ListModels)")
-        model = await asyncio.to_thread(self._catalog.get_model, request.name)
+        model = await asyncio.to_thread(self._catalog.get_model, request.name, request.version)
         if model is None:
             known = await asyncio.to_thread(self._catalog.known_names)
-            raise NotFound(f"model {request.name!r} not found; known models and aliases: {known}")
+            at = f" at version {request.version!r}" if request.version else ""
+            raise NotFound(f"model {request.name!r}{at} not found; known models and aliases: {known}")
         count = self._workers.ready_counts().get(model.name, 0)
         return registry_pb2.GetModelResponse(model=model_to_proto(model, count))
 
     async def RegisterWorker(
         self, request: registry_pb2.RegisterWorkerRequest, context: aio.ServicerContext
     ) -> registry_pb2.RegisterWorkerResponse:
-        """A worker joins (or re-joins); its models must be catalog names or aliases."""
+        """A worker joins (or re-joins); its models must be catalog names or aliases.
+
+        ALREADY_EXISTS when another live worker holds the id at another address; UNAVAILABLE
+        (retry) when the catalog database is down and no catalog was read yet.
+        """
         worker = request.worker
         _require_worker_id(worker.worker_id)
         _check_address(worker.address)
         if not worker.models:
             raise InvalidRequest("worker.models is required: the catalog names of the models it serves")
+        if worker.status not in _REPORTABLE:
+            raise InvalidRequest("worker.status: a worker reports READY, DRAINING or FAILED")
         resolved, unknown = await asyncio.to_thread(self._catalog.resolve_names, worker.models)
         if unknown:
             known = await asyncio.to_thread(self._catalog.known_names)
@@ -98,6 +122,8 @@ class RegistryServicer(registry_grpc.RegistryServiceServicer):
         stored.CopyFrom(worker)
         del stored.models[:]
         stored.models.extend(dict.fromkeys(resolved[m] for m in worker.models))
+        stored.model_versions.clear()
+        stored.model_versions.update(await self._check_versions(worker, resolved))
         self._workers.register(stored)
         return registry_pb2.RegisterWorkerResponse(
             lease_ttl_seconds=math.ceil(self._ttl_s),
@@ -109,8 +135,10 @@ class RegistryServicer(registry_grpc.RegistryServiceServicer):
     ) -> registry_pb2.HeartbeatResponse:
         """Renews the worker's TTL; `known=false` tells a worker the registry forgot it (register again)."""
         _require_worker_id(request.worker_id)
+        if request.status not in _REPORTABLE:
+            raise InvalidRequest("status: a worker reports READY, DRAINING or FAILED (or leaves it unset)")
         worker = self._workers.heartbeat(
-            request.worker_id, request.load if request.HasField("load") else None
+            request.worker_id, request.load if request.HasField("load") else None, request.status
         )
         if worker is None:
             return registry_pb2.HeartbeatResponse(known=False)
@@ -155,6 +183,49 @@ class RegistryServicer(registry_grpc.RegistryServiceServicer):
         model = await self._model_filter(request.model)
         async for event in self._workers.watch(model):
             yield event
+
+    async def StartModelInstance(
+        self, request: registry_pb2.StartModelInstanceRequest, context: aio.ServicerContext
+    ) -> registry_pb2.StartModelInstanceResponse:
+        """Needs a deployment supervisor; none is attached to this registry."""
+        raise FailedPrecondition(
+            "no supervisor attached to this registry: start a worker process (llmesh serve worker) "
+            "or scale the model's Deployment on Kubernetes"
+        )
+
+    async def StopModelInstance(
+        self, request: registry_pb2.StopModelInstanceRequest, context: aio.ServicerContext
+    ) -> registry_pb2.StopModelInstanceResponse:
+        """Needs a deployment supervisor; none is attached to this registry (DrainWorker works)."""
+        raise FailedPrecondition(
+            "no supervisor attached to this registry: drain the worker with DrainWorker, then stop "
+            "its process (or scale the Deployment on Kubernetes)"
+        )
+
+    async def _check_versions(self, worker: registry_pb2.Worker, resolved: dict[str, str]) -> dict[str, str]:
+        """The worker's model -> version map keyed by model name; each version must be live."""
+        if not worker.model_versions:
+            return {}
+        out: dict[str, str] = {}
+        for key, version in sorted(worker.model_versions.items()):
+            if key not in resolved:
+                raise InvalidRequest(
+                    f"worker.model_versions[{key!r}]: {key!r} is not one of worker.models {list(worker.models)}"
+                )
+            out[resolved[key]] = version
+        try:
+            models = await asyncio.to_thread(self._catalog.list_models)
+        except DependencyDown:
+            return out  # the database is down: trust the worker rather than refuse it
+        live = {(m.name, m.version) for m in models}
+        for name, version in out.items():
+            if (name, version) not in live:
+                versions = sorted(v for n, v in live if n == name)
+                raise InvalidRequest(
+                    f"worker.model_versions[{name!r}]: {name!r} has no live version {version!r}; "
+                    f"live versions: {versions}"
+                )
+        return out
 
     async def _model_filter(self, name: str) -> str:
         """An alias in a filter means its model; an unknown name filters to nothing, not an error."""

@@ -116,15 +116,34 @@ class WorkerPool:
         self._dispatch(worker.models)
         return True
 
-    def replace_workers(self, specs: Iterable[WorkerSpec]) -> None:
-        """Make the pool exactly `specs` (a fresh registry snapshot) and mark it synced."""
+    def replace_workers(self, specs: Iterable[WorkerSpec]) -> list[str]:
+        """Make the pool `specs` (a fresh registry snapshot) and mark it synced.
+
+        A worker the snapshot lacks but that still holds leases is kept, cordoned, with its lease
+        counts: its streams are still running (a registry that restarted may not know it yet).
+        Returns the ids kept that way; the caller removes them once their leases end.
+        """
         specs = list(specs)
         keep = {s.worker_id for s in specs}
-        for wid in [w for w in self._workers if w not in keep]:
-            self.remove_worker(wid)
+        retained = []
+        for wid, worker in list(self._workers.items()):
+            if wid in keep:
+                continue
+            if worker.active > 0:
+                worker.cordoned = True
+                retained.append(wid)
+            else:
+                self.remove_worker(wid)
         for spec in specs:
             self.upsert_worker(spec)
         self.synced = True
+        if retained:
+            log.warning(
+                "registry snapshot lacks %d worker(s) that still hold leases; kept cordoned until they end",
+                len(retained),
+                extra={"workers": retained},
+            )
+        return retained
 
     # ---- leases -----------------------------------------------------------------------------
 

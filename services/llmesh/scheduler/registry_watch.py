@@ -1,7 +1,13 @@
 """Feeds the worker pool from RegistryService.WatchWorkers: a snapshot, then every change.
 
 When the registry goes away the pool keeps routing to the workers it last knew; the watch
-reconnects with backoff and the next complete snapshot replaces the pool's workers.
+reconnects with backoff and the next complete snapshot replaces the pool's workers. Whatever goes
+wrong (a gRPC error, a malformed event, a bug), the watch logs it and watches again: a scheduler
+whose watch died would route on a frozen view forever.
+
+A worker that leaves (REMOVED, or missing from a new snapshot) while it still holds leases is not
+dropped: it stays in the pool, cordoned, with its lease counts, until those leases end; if it comes
+back meanwhile it is routable again with its counts intact.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ from llmesh.scheduler.records import WorkerSpec
 log = logging.getLogger(__name__)
 
 EventType = registry_pb2.WorkerEventType
-_NOT_ROUTABLE = (registry_pb2.WORKER_STATUS_DRAINING, registry_pb2.WORKER_STATUS_CORDONED)
+_NOT_ROUTABLE = (
+    registry_pb2.WORKER_STATUS_DRAINING,
+    registry_pb2.WORKER_STATUS_CORDONED,
+    registry_pb2.WORKER_STATUS_FAILED,
+)
+# How often workers that left while holding leases are checked for their last lease ending.
+DEPARTED_SWEEP_S = 1.0
 
 
 def spec_from_worker(worker: registry_pb2.Worker) -> WorkerSpec:
@@ -67,6 +79,9 @@ class RegistryWatch:
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        # Workers the registry no longer lists, kept (cordoned) while their leases run.
+        self._departed: set[str] = set()
         self.synced = asyncio.Event()
         self.snapshots = 0
         """Complete snapshots applied (more than 1 after reconnects)."""
@@ -74,14 +89,16 @@ class RegistryWatch:
     def start(self) -> None:
         """Start watching in the background."""
         self._task = asyncio.create_task(self._run(), name="registry-watch")
+        self._sweeper = asyncio.create_task(self._sweep_departed(), name="registry-watch-departed")
 
     async def stop(self) -> None:
         """Stop watching and close an owned channel."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._sweeper = None
         if self._owns_channel:
             await self._channel.close(None)
 
@@ -101,6 +118,15 @@ class RegistryWatch:
                     len(self._pool.workers()),
                     backoff,
                 )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "watch on registry %s broke; keeping %d known worker(s), retrying in %.1fs",
+                    self._target,
+                    len(self._pool.workers()),
+                    backoff,
+                )
             if self.snapshots > snapshots_before:
                 # The stream worked before it broke (e.g. a registry restart): come back quickly.
                 backoff = self._initial_backoff_s
@@ -117,7 +143,8 @@ class RegistryWatch:
                     snapshot.append(spec_from_worker(event.worker))
                 elif event.type == EventType.WORKER_EVENT_TYPE_SNAPSHOT_END:
                     in_snapshot = False
-                    self._pool.replace_workers(snapshot)
+                    retained = self._pool.replace_workers(snapshot) or []
+                    self._departed = (self._departed - {s.worker_id for s in snapshot}) | set(retained)
                     self.snapshots += 1
                     self.synced.set()
                     log.info("registry snapshot applied", extra={"workers": len(snapshot)})
@@ -125,10 +152,56 @@ class RegistryWatch:
                     log.warning("registry sent %s before the snapshot ended; ignored", event.type)
                 elif event.type in (EventType.WORKER_EVENT_TYPE_ADDED, EventType.WORKER_EVENT_TYPE_UPDATED):
                     if event.worker.status == registry_pb2.WORKER_STATUS_GONE:
-                        self._pool.remove_worker(event.worker.worker_id)
+                        self._depart(event.worker.worker_id)
                     else:
+                        self._departed.discard(event.worker.worker_id)
                         self._pool.upsert_worker(spec_from_worker(event.worker))
                 elif event.type == EventType.WORKER_EVENT_TYPE_REMOVED:
-                    self._pool.remove_worker(event.worker.worker_id)
+                    self._depart(event.worker.worker_id)
         finally:
             stream.cancel()
+
+    def _depart(self, worker_id: str) -> None:
+        """Remove a worker, or keep it cordoned while leases on it still run."""
+        worker = next((w for w in self._pool.workers() if w.worker_id == worker_id), None)
+        if worker is None:
+            return
+        if worker.active <= 0:
+            self._departed.discard(worker_id)
+            self._pool.remove_worker(worker_id)
+            return
+        self._departed.add(worker_id)
+        self._pool.upsert_worker(
+            WorkerSpec(
+                worker_id=worker.worker_id,
+                address=worker.address,
+                models=worker.models,
+                capacity=worker.capacity,
+                cordoned=True,
+                running_requests=worker.running_requests,
+                waiting_requests=worker.waiting_requests,
+                kv_cache_usage=worker.kv_cache_usage,
+            )
+        )
+        log.info(
+            "worker %s left the registry with %d lease(s) running; kept cordoned", worker_id, worker.active
+        )
+
+    def sweep_departed(self) -> list[str]:
+        """Remove departed workers whose last lease ended; returns their ids."""
+        if not self._departed:
+            return []
+        active = {w.worker_id: w.active for w in self._pool.workers()}
+        done = sorted(wid for wid in self._departed if active.get(wid, 0) <= 0)
+        for wid in done:
+            self._departed.discard(wid)
+            self._pool.remove_worker(wid)
+        return done
+
+    async def _sweep_departed(self) -> None:
+        while True:
+            await asyncio.sleep(DEPARTED_SWEEP_S)
+            try:
+                self.sweep_departed()
+            except Exception:
+                log.exception("sweeping departed workers failed; trying again")

@@ -28,6 +28,7 @@ class WorkerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATUS_DRAINING: _ClassVar[WorkerStatus]
     WORKER_STATUS_CORDONED: _ClassVar[WorkerStatus]
     WORKER_STATUS_GONE: _ClassVar[WorkerStatus]
+    WORKER_STATUS_FAILED: _ClassVar[WorkerStatus]
 
 class WorkerEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -48,6 +49,7 @@ WORKER_STATUS_READY: WorkerStatus
 WORKER_STATUS_DRAINING: WorkerStatus
 WORKER_STATUS_CORDONED: WorkerStatus
 WORKER_STATUS_GONE: WorkerStatus
+WORKER_STATUS_FAILED: WorkerStatus
 WORKER_EVENT_TYPE_UNSPECIFIED: WorkerEventType
 WORKER_EVENT_TYPE_SNAPSHOT: WorkerEventType
 WORKER_EVENT_TYPE_SNAPSHOT_END: WorkerEventType
@@ -114,7 +116,14 @@ class DeploySettings(_message.Message):
     def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_up_queue_depth: _Optional[int] = ..., cooldown_seconds: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "aliases", "description", "owned_by", "engine", "limits", "templates", "cost_per_1k_tokens", "status", "deploy", "created_at", "ready_workers", "default_sampling")
+    __slots__ = ("name", "version", "aliases", "description", "owned_by", "engine", "limits", "templates", "cost_per_1k_tokens", "status", "deploy", "created_at", "ready_workers", "default_sampling", "labels", "etag", "traffic_weight", "updated_at")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +138,10 @@ class Model(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     READY_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -143,13 +156,19 @@ class Model(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     ready_workers: int
     default_sampling: _common_pb2.SamplingParams
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., owned_by: _Optional[str] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., templates: _Optional[_Iterable[_Union[ScenarioTemplate, _Mapping]]] = ..., cost_per_1k_tokens: _Optional[float] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., deploy: _Optional[_Union[DeploySettings, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_workers: _Optional[int] = ..., default_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    etag: str
+    traffic_weight: int
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., owned_by: _Optional[str] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., templates: _Optional[_Iterable[_Union[ScenarioTemplate, _Mapping]]] = ..., cost_per_1k_tokens: _Optional[float] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., deploy: _Optional[_Union[DeploySettings, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_workers: _Optional[int] = ..., default_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., etag: _Optional[str] = ..., traffic_weight: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("only_ready",)
+    __slots__ = ("only_ready", "include_retired")
     ONLY_READY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RETIRED_FIELD_NUMBER: _ClassVar[int]
     only_ready: bool
-    def __init__(self, only_ready: _Optional[bool] = ...) -> None: ...
+    include_retired: bool
+    def __init__(self, only_ready: _Optional[bool] = ..., include_retired: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -158,10 +177,12 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -182,12 +203,14 @@ class CreateModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class UpdateModelRequest(_message.Message):
-    __slots__ = ("model", "update_mask")
+    __slots__ = ("model", "update_mask", "etag")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     model: Model
     update_mask: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., update_mask: _Optional[_Iterable[str]] = ...) -> None: ...
+    etag: str
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., update_mask: _Optional[_Iterable[str]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class UpdateModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -196,14 +219,20 @@ class UpdateModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version", "etag")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: str
+    etag: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class DeleteModelResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[Model]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
     __slots__ = ("alias", "model")
@@ -258,14 +287,22 @@ class ImportModelsRequest(_message.Message):
     def __init__(self, yaml: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class ImportModelsResponse(_message.Message):
-    __slots__ = ("imported",)
+    __slots__ = ("imported", "created", "updated", "unchanged")
     IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     imported: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, imported: _Optional[_Iterable[str]] = ...) -> None: ...
+    created: _containers.RepeatedScalarFieldContainer[str]
+    updated: _containers.RepeatedScalarFieldContainer[str]
+    unchanged: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, imported: _Optional[_Iterable[str]] = ..., created: _Optional[_Iterable[str]] = ..., updated: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_retired",)
+    INCLUDE_RETIRED_FIELD_NUMBER: _ClassVar[int]
+    include_retired: bool
+    def __init__(self, include_retired: _Optional[bool] = ...) -> None: ...
 
 class ExportModelsResponse(_message.Message):
     __slots__ = ("yaml",)
@@ -274,8 +311,15 @@ class ExportModelsResponse(_message.Message):
     def __init__(self, yaml: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("worker_id", "address", "models", "engine", "capacity", "labels", "status", "load", "last_heartbeat", "registered_at")
+    __slots__ = ("worker_id", "address", "models", "engine", "capacity", "labels", "status", "load", "last_heartbeat", "registered_at", "model_versions")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ModelVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +336,7 @@ class Worker(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -302,7 +347,8 @@ class Worker(_message.Message):
     load: _common_pb2.WorkerLoad
     last_heartbeat: _timestamp_pb2.Timestamp
     registered_at: _timestamp_pb2.Timestamp
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model_versions: _containers.ScalarMap[str, str]
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker",)
@@ -319,12 +365,14 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, lease_ttl_seconds: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load")
+    __slots__ = ("worker_id", "load", "status")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: _common_pb2.WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ...) -> None: ...
+    status: WorkerStatus
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., status: _Optional[_Union[WorkerStatus, str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "status")
@@ -432,3 +480,76 @@ class StopModelInstanceResponse(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     worker: Worker
     def __init__(self, worker: _Optional[_Union[Worker, _Mapping]] = ...) -> None: ...
+
+class TrafficSplit(_message.Message):
+    __slots__ = ("model", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListTrafficWeightsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListTrafficWeightsResponse(_message.Message):
+    __slots__ = ("splits",)
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    splits: _containers.RepeatedCompositeFieldContainer[TrafficSplit]
+    def __init__(self, splits: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ...) -> None: ...
+
+class WatchTrafficWeightsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchTrafficWeightsResponse(_message.Message):
+    __slots__ = ("snapshot", "splits")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bool
+    splits: _containers.RepeatedCompositeFieldContainer[TrafficSplit]
+    def __init__(self, snapshot: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[TrafficSplit, _Mapping]]] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("model", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("id", "at", "actor", "action", "model", "version", "before_json", "after_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_JSON_FIELD_NUMBER: _ClassVar[int]
+    AFTER_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at: _timestamp_pb2.Timestamp
+    actor: str
+    action: str
+    model: str
+    version: str
+    before_json: str
+    after_json: str
+    def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., before_json: _Optional[str] = ..., after_json: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...

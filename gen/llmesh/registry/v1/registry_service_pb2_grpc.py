@@ -115,6 +115,21 @@ class RegistryServiceStub:
                 request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.SerializeToString,
                 response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.FromString,
                 _registered_method=True)
+        self.ListTrafficWeights = channel.unary_unary(
+                '/llmesh.registry.v1.RegistryService/ListTrafficWeights',
+                request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsResponse.FromString,
+                _registered_method=True)
+        self.WatchTrafficWeights = channel.unary_stream(
+                '/llmesh.registry.v1.RegistryService/WatchTrafficWeights',
+                request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/llmesh.registry.v1.RegistryService/ListAuditEvents',
+                request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
         self.StartModelInstance = channel.unary_unary(
                 '/llmesh.registry.v1.RegistryService/StartModelInstance',
                 request_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.StartModelInstanceRequest.SerializeToString,
@@ -243,6 +258,27 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTrafficWeights(self, request, context):
+        """The traffic splits between versions now in force (what SetTrafficWeights stored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTrafficWeights(self, request, context):
+        """Streams traffic splits: every split first (snapshot), then each split that changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Lists catalog changes, newest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartModelInstance(self, request, context):
         """Starts a new instance (worker) of a model through the deployment backend (admin).
         """
@@ -339,6 +375,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkers,
                     request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.FromString,
                     response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.SerializeToString,
+            ),
+            'ListTrafficWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrafficWeights,
+                    request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsRequest.FromString,
+                    response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsResponse.SerializeToString,
+            ),
+            'WatchTrafficWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrafficWeights,
+                    request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsRequest.FromString,
+                    response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'StartModelInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.StartModelInstance,
@@ -784,6 +835,87 @@ class RegistryService:
             '/llmesh.registry.v1.RegistryService/WatchWorkers',
             llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersRequest.SerializeToString,
             llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrafficWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.registry.v1.RegistryService/ListTrafficWeights',
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsRequest.SerializeToString,
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListTrafficWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrafficWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmesh.registry.v1.RegistryService/WatchTrafficWeights',
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsRequest.SerializeToString,
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.WatchTrafficWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.registry.v1.RegistryService/ListAuditEvents',
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsRequest.SerializeToString,
+            llmesh_dot_registry_dot_v1_dot_registry__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

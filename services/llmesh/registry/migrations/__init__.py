@@ -1,0 +1,1 @@
+"""The registry's Alembic history (version table `llmesh_registry_alembic_version`)."""

@@ -1,0 +1,104 @@
+"""Write-behind persistence of worker membership, so a restarted registry serves its last view.
+
+Only membership changes are written (join, leave, eviction, status), never heartbeats, so the
+database sees a handful of writes per change, and a database outage never delays a heartbeat:
+the changes stay queued in memory and are written when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from llmesh.registry.catalog_rows import db_call, now_utc
+from llmesh.registry.schema import workers_table
+from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
+from llmesh.registry.workers import WorkerTable
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStore:
+    """The `registry_workers` table: one serialized Worker per id, plus the operator's status."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @db_call
+    def load(self) -> list[tuple[registry_pb2.Worker, int]]:
+        """Every persisted worker with its operator status."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(workers_table).order_by(workers_table.c.worker_id)).all()
+        out = []
+        for r in rows:
+            worker = registry_pb2.Worker.FromString(r.worker)
+            try:
+                admin = registry_pb2.WorkerStatus.Value(r.admin_status)
+            except ValueError:
+                admin = registry_pb2.WORKER_STATUS_READY
+            out.append((worker, admin))
+        return out
+
+    @db_call
+    def save(self, saves: list[tuple[registry_pb2.Worker, int]], deletes: list[str]) -> None:
+        """Apply one batch of membership changes in one transaction."""
+        ids = [w.worker_id for w, _ in saves] + deletes
+        if not ids:
+            return
+        now = now_utc()
+        with self._engine.begin() as conn:
+            conn.execute(workers_table.delete().where(workers_table.c.worker_id.in_(ids)))
+            if saves:
+                conn.execute(
+                    workers_table.insert(),
+                    [
+                        {
+                            "worker_id": w.worker_id,
+                            "worker": w.SerializeToString(deterministic=True),
+                            "admin_status": registry_pb2.WorkerStatus.Name(admin),  # type: ignore[arg-type]
+                            "updated_at": now,
+                        }
+                        for w, admin in saves
+                    ],
+                )
+
+
+async def write_behind(table: WorkerTable, store: WorkerStore, period_s: float) -> None:
+    """Flush membership changes every `period_s`; on failure keep them and retry with backoff."""
+    delay = period_s
+    failing = False
+    while True:
+        await asyncio.sleep(delay)
+        saves, deletes = table.take_changes()
+        if not saves and not deletes:
+            continue
+        try:
+            await asyncio.to_thread(store.save, saves, deletes)
+        except Exception as e:
+            table.changes_failed([w.worker_id for w, _ in saves] + deletes)
+            if not failing:
+                log.warning("cannot persist membership (%s); kept in memory, retrying", e)
+            failing = True
+            delay = min(delay * 2, 5.0)
+            continue
+        if failing:
+            log.info("membership persisted again", extra={"workers": len(saves), "removed": len(deletes)})
+        failing = False
+        delay = period_s
+
+
+async def flush(table: WorkerTable, store: WorkerStore) -> None:
+    """Write pending changes now (shutdown); failures are logged, not raised."""
+    saves, deletes = table.take_changes()
+    try:
+        await asyncio.to_thread(store.save, saves, deletes)
+    except Exception as e:
+        log.warning("membership not persisted at shutdown: %s", e)
