@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     sub.add_parser("gen", help="regenerate gen/ from proto/ (developers; same as `make gen`)")
+
+    from llmesh.cli import db
+
+    db.add_arguments(sub.add_parser("db", help="SQL migrations: `llmesh db upgrade`, `llmesh db current`"))
     return parser
 
 
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmesh.bench.cli import bench_main
 
         return bench_main(args, cfg)
+    if args.command == "db":
+        from llmesh.cli.db import db_main
+
+        return db_main(args, cfg)
     from llmesh.cli.gen import main as gen_main
 
     return gen_main([])

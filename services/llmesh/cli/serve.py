@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", help="worker: which `workers:` entry to run (default: the first)")
     parser.add_argument("--data-dir", type=Path, default=Path(".llmesh"), help="SQLite file location")
     parser.add_argument("--ready-file", type=Path, help="write {port: ...} here once serving (supervisors)")
+    parser.add_argument(
+        "--models-file", type=Path, help="registry: a models YAML upserted into the catalog at start-up"
+    )
 
 
 def _worker_entry(cfg: LlmeshConfig, worker_id: str | None) -> tuple[int, WorkerConfig]:
@@ -44,7 +47,7 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
 
         listen = args.listen or f"{host}:{cfg.server.registry_port}"
         reg = RegistryServiceConfig.from_config(
-            cfg, listen=listen, database_url=database_url(cfg, args.data_dir)
+            cfg, listen=listen, database_url=database_url(cfg, args.data_dir), models_file=args.models_file
         )
         run(lambda: serve_registry(reg, args.ready_file))
     elif args.service == "scheduler":
