@@ -19,7 +19,9 @@ from tests.auth.conftest import AuthClient, AuthFactory, bearer, check_request, 
 CHAT = routes.MODEL + "StreamChatCompletion"
 
 
-def chat(model: str = "tiny-llama", max_tokens: int = 16, text: str = "hi") -> model_pb2.CreateChatCompletionRequest:
+def chat(
+    model: str = "tiny-llama", max_tokens: int = 16, text: str = "hi"
+) -> model_pb2.CreateChatCompletionRequest:
     req = model_pb2.CreateChatCompletionRequest(model=model, max_tokens=max_tokens)
     req.messages.add(role="user").content.string_value = text
     return req
@@ -32,7 +34,9 @@ async def _user_key(a: AuthClient, username: str = "frank", **key: object) -> tu
             pb.RegisterRequest(username=username, password="long-password"), metadata=bearer(a.admin_key)
         )
     ).user
-    made = await a.auth.CreateApiKey(pb.CreateApiKeyRequest(user_id=user.user_id, **key), metadata=bearer(a.admin_key))  # type: ignore[arg-type]
+    made = await a.auth.CreateApiKey(
+        pb.CreateApiKeyRequest(user_id=user.user_id, **key), metadata=bearer(a.admin_key)
+    )  # type: ignore[arg-type]
     return user.user_id, made.secret
 
 
@@ -44,8 +48,13 @@ def _error(response) -> dict:  # type: ignore[no-untyped-def]
 
 async def test_no_bad_or_revoked_credentials_are_401(make_auth: AuthFactory) -> None:
     a = await make_auth()
-    user_id, key = await _user_key(a)
-    for headers in ({}, {"authorization": "Bearer nonsense"}, {"authorization": "Basic abc"}, {"x-api-key": "llm_" + "0" * 43}):
+    _, key = await _user_key(a)
+    for headers in (
+        {},
+        {"authorization": "Bearer nonsense"},
+        {"authorization": "Basic abc"},
+        {"x-api-key": "llm_" + "0" * 43},
+    ):
         r = await a.authz.Check(check_request(CHAT, headers, chat()))
         assert r.status.code == code_pb2.UNAUTHENTICATED
         assert r.denied_response.status.code == 401
@@ -56,11 +65,22 @@ async def test_no_bad_or_revoked_credentials_are_401(make_auth: AuthFactory) -> 
     assert ok.status.code == code_pb2.OK
 
 
-async def test_allowed_request_gets_identity_headers_and_client_ones_are_stripped(make_auth: AuthFactory) -> None:
+async def test_allowed_request_gets_identity_headers_and_client_ones_are_stripped(
+    make_auth: AuthFactory,
+) -> None:
     a = await make_auth()
     user_id, key = await _user_key(a)
     r = await a.authz.Check(
-        check_request(CHAT, {"authorization": f"Bearer {key}", "x-llmesh-user": "admin", "x-llmesh-role": "admin", "x-llmesh-extra": "1"}, chat())
+        check_request(
+            CHAT,
+            {
+                "authorization": f"Bearer {key}",
+                "x-llmesh-user": "admin",
+                "x-llmesh-role": "admin",
+                "x-llmesh-extra": "1",
+            },
+            chat(),
+        )
     )
     assert r.status.code == code_pb2.OK
     headers = header_map(r)
@@ -84,7 +104,9 @@ async def test_model_allow_list_is_403(make_auth: AuthFactory) -> None:
         assert r.status.code == code_pb2.PERMISSION_DENIED and r.denied_response.status.code == 403
         assert "qwen2-0.5b" in _error(r)["message"]
     tok = model_pb2.TokenizeRequest(model="other", prompt="x")
-    assert (await a.authz.Check(check_request(routes.MODEL + "Tokenize", auth, tok))).status.code == code_pb2.PERMISSION_DENIED
+    assert (
+        await a.authz.Check(check_request(routes.MODEL + "Tokenize", auth, tok))
+    ).status.code == code_pb2.PERMISSION_DENIED
 
 
 async def test_user_calling_admin_rpc_is_403_admin_passes(make_auth: AuthFactory) -> None:
@@ -101,7 +123,11 @@ async def test_user_calling_admin_rpc_is_403_admin_passes(make_auth: AuthFactory
 
 async def test_internal_rpcs_denied_and_public_routes_need_nothing(make_auth: AuthFactory) -> None:
     a = await make_auth()
-    for path in (routes.REGISTRY + "RegisterWorker", routes.SCHEDULER + "Acquire", routes.AUTH + "RecordUsage"):
+    for path in (
+        routes.REGISTRY + "RegisterWorker",
+        routes.SCHEDULER + "Acquire",
+        routes.AUTH + "RecordUsage",
+    ):
         r = await a.authz.Check(check_request(path, {"authorization": f"Bearer {a.admin_key}"}))
         assert r.status.code == code_pb2.PERMISSION_DENIED, path
     for path in (routes.AUTH + "Login", routes.AUTH + "GetJwks", "/grpc.health.v1.Health/Check"):
@@ -131,7 +157,9 @@ async def test_revoked_key_refused_within_5s_on_every_replica(
     a = await make_auth(database_url=db_url, redis_url=redis_url)
     b = await make_auth(database_url=db_url, redis_url=redis_url)  # a second replica, same database
     key_user, key = await _user_key(a)
-    keys = (await a.auth.ListApiKeys(pb.ListApiKeysRequest(user_id=key_user), metadata=bearer(a.admin_key))).keys
+    keys = (
+        await a.auth.ListApiKeys(pb.ListApiKeysRequest(user_id=key_user), metadata=bearer(a.admin_key))
+    ).keys
     auth = {"authorization": f"Bearer {key}"}
     for replica in (a, b):  # both have it cached now
         assert (await replica.authz.Check(check_request(CHAT, auth, chat()))).status.code == code_pb2.OK
@@ -142,17 +170,23 @@ async def test_revoked_key_refused_within_5s_on_every_replica(
         assert time.monotonic() - t0 < 5.0, "revocation took longer than 5 s to reach the other replica"
         await asyncio.sleep(0.05)
     elapsed = time.monotonic() - t0
-    print(f"revocation reached the other replica in {elapsed * 1000:.0f} ms ({'redis pub/sub' if with_redis else 'cache TTL'})")
+    print(
+        f"revocation reached the other replica in {elapsed * 1000:.0f} ms ({'redis pub/sub' if with_redis else 'cache TTL'})"
+    )
     if with_redis:
         assert elapsed < 1.0  # pub/sub, not the TTL
-    listed = (await a.auth.ListApiKeys(pb.ListApiKeysRequest(user_id=key_user), metadata=bearer(a.admin_key))).keys
+    listed = (
+        await a.auth.ListApiKeys(pb.ListApiKeysRequest(user_id=key_user), metadata=bearer(a.admin_key))
+    ).keys
     assert listed[0].revoked
 
 
 async def test_expired_key_and_jwt_are_401(make_auth: AuthFactory) -> None:
     a = await make_auth()
     user_id, _ = await _user_key(a)
-    made = await a.auth.CreateApiKey(pb.CreateApiKeyRequest(user_id=user_id, ttl_seconds=1), metadata=bearer(a.admin_key))
+    made = await a.auth.CreateApiKey(
+        pb.CreateApiKeyRequest(user_id=user_id, ttl_seconds=1), metadata=bearer(a.admin_key)
+    )
     auth = {"authorization": f"Bearer {made.secret}"}
     assert (await a.authz.Check(check_request(CHAT, auth, chat()))).status.code == code_pb2.OK
     await asyncio.sleep(3.2)  # past expiry and the credential cache
