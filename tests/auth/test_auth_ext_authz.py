@@ -209,3 +209,17 @@ async def test_users_manage_only_their_own_keys(make_auth: AuthFactory) -> None:
     assert mine.secret.startswith("llm_") and mine.key.prefix == mine.secret[:12]
     listed = (await a.auth.ListApiKeys(pb.ListApiKeysRequest(), metadata=bearer(key2))).keys
     assert [k.name for k in listed][-1] == "second" and not any(mine.secret in str(k) for k in listed)
+
+
+async def test_raw_header_map_is_read_too(make_auth: AuthFactory) -> None:
+    """Envoy with encode_raw_headers sends header_map (raw bytes) instead of the headers map."""
+    a = await make_auth()
+    _, key = await _user_key(a)
+    request = check_request(CHAT, None, chat())
+    http = request.attributes.request.http
+    http.ClearField("headers")
+    http.header_map.headers.add(key="Authorization", raw_value=f"Bearer {key}".encode())
+    http.header_map.headers.add(key="x-llmesh-user", raw_value=b"forged")
+    r = await a.authz.Check(request)
+    assert r.status.code == code_pb2.OK
+    assert header_map(r)["x-llmesh-user"] != "forged" and "x-llmesh-user" in r.ok_response.headers_to_remove

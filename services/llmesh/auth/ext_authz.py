@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc import aio
@@ -114,6 +114,16 @@ def allowed(
     )
 
 
+def request_headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
+    """Lower-cased request headers, from `headers` or (with encode_raw_headers) `header_map`."""
+    if http.header_map.headers:
+        return {
+            h.key.lower(): h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            for h in http.header_map.headers
+        }
+    return {k.lower(): v for k, v in http.headers.items()}
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     """Answers Envoy's ext_authz Check: authenticate, authorize the route, reserve for inference."""
 
@@ -138,7 +148,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         """Allow (with identity headers) or deny (with status and body) one request."""
         http = request.attributes.request.http
         method = routes.method_of(http.path)
-        headers = {k.lower(): v for k, v in http.headers.items()}
+        headers = request_headers(http)
         client_llmesh = [h for h in headers if h.startswith(HEADER_PREFIX)]
         request_id = self._new_id()
         try:
