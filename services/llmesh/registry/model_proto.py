@@ -151,7 +151,8 @@ def spec_for_create(model: registry_pb2.Model) -> ModelSpec:
         "default_sampling": given["default_sampling"],
         "templates": given["templates"],
         "labels": given["labels"],
-        "aliases": given["aliases"],
+        # No aliases listed: leave the name's aliases alone (a new version keeps the old ones).
+        "aliases": given["aliases"] or None,
     }
     return spec_from_mapping(data, "model")
 

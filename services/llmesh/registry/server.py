@@ -112,6 +112,8 @@ async def _prepare_catalog(
             "models file upserted",
             extra={"path": str(config.models_file), "created": result.created, "updated": result.updated},
         )
+    # Read the names once, so workers can register from this view even if the database goes down.
+    await asyncio.to_thread(catalog.known_names)
     return await asyncio.to_thread(store.load)
 
 
