@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
 
+    from llmesh.cli import auth
+
+    auth.add_arguments(sub.add_parser("auth", help="users, API keys and usage (AuthService's database)"))
+
     sub.add_parser("gen", help="regenerate gen/ from proto/ (developers; same as `make gen`)")
 
     from llmesh.cli import db
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmesh.edge.cli import envoy_config_main
 
         return envoy_config_main(args, cfg)
+    if args.command == "auth":
+        from llmesh.cli.auth import auth_main
+
+        return auth_main(args, cfg)
     if args.command == "bench":
         from llmesh.bench.cli import bench_main
 
