@@ -4,7 +4,7 @@ It emits the deterministic words "tok0 tok1 tok2 ..." (token id i % vocab_size f
 configurable rate, and honours the parts of the contract the rest of the system depends on:
 max_tokens, min_tokens, n, stop strings, stop token ids, a scripted end-of-sequence (unless
 ignore_eos), logprobs, cancellation (the request is aborted and `running` drops), capacity
-(requests beyond `max_running` wait), and fault injection. Unit tests and the overhead benchmark
+(requests beyond `max_running` wait, or are refused with `reject_when_full`), and fault injection. Unit tests and the overhead benchmark
 use it; it is never a default engine.
 """
 
@@ -15,7 +15,7 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from llmesh.common.errors import DependencyDown, InvalidRequest
+from llmesh.common.errors import DependencyDown, InvalidRequest, OverCapacity
 from llmesh.worker.engine import (
     ChoiceDelta,
     EngineLoad,
@@ -41,6 +41,7 @@ class ScriptedSettings:
     vocab_size: int = 32000
     eos_after: int | None = None  # finish with "stop" after this many tokens unless ignore_eos
     max_running: int | None = None  # more concurrent requests than this wait in a queue
+    reject_when_full: bool = False  # ...or are refused with OverCapacity, as a full vLLM queue is
     fail_after: int | None = None  # raise DependencyDown after this many tokens (0 = before the first)
     first_token_delay_s: float = 0.0
 
@@ -107,6 +108,8 @@ class ScriptedEngine:
 
         queued = False
         if self._slots is not None and self._slots.locked():
+            if self.settings.reject_when_full:
+                raise OverCapacity("the scripted engine's queue is full; retry shortly", retry_after_s=0.5)
             queued = True
             self._waiting += 1
         finished = False

@@ -227,6 +227,12 @@ function envoy_on_response(handle)
   if status == nil or status < 400 then
     return
   end
+  -- Services and the picker put retry hints in `retry-after-ms`; clients that only know
+  -- `retry-after` (seconds) get that too.
+  local retry_ms = tonumber(headers:get("retry-after-ms") or "")
+  if retry_ms ~= nil and headers:get("retry-after") == nil then
+    headers:add("retry-after", tostring(math.ceil(retry_ms / 1000)))
+  end
   local content_type = headers:get("content-type") or ""
   if find(content_type, "application/json", 1, true) == nil then
     return
@@ -251,12 +257,5 @@ function envoy_on_response(handle)
   -- The upstream's status name for the access log (Envoy's own grpc_status field only sees HTTP
   -- statuses once the transcoder has converted the reply).
   handle:streamInfo():dynamicMetadata():set("llmesh.edge", "error_code", code)
-  headers = handle:headers()
-  headers:replace("content-length", tostring(#reshaped))
-  -- Services and the picker put retry hints in `retry-after-ms`; clients that only know `retry-after`
-  -- (seconds) get that too.
-  local retry_ms = tonumber(headers:get("retry-after-ms") or "")
-  if retry_ms ~= nil and headers:get("retry-after") == nil then
-    headers:add("retry-after", tostring(math.ceil(retry_ms / 1000)))
-  end
+  handle:headers():replace("content-length", tostring(#reshaped))
 end
