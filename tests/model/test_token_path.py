@@ -9,6 +9,7 @@ vLLM tests cover that).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import grpc
@@ -83,7 +84,7 @@ async def test_sse_stream_arrives_token_by_token_and_ends_with_done(stack_factor
     chunks = [f for f in frames if f[1] != "data: [DONE]"]
     assert len(chunks) == 6
     # 20 tokens/s: each chunk comes on its own, ~50 ms apart, not in one burst at the end.
-    gaps = [b[0] - a[0] for a, b in zip(chunks, chunks[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(chunks)]
     assert min(gaps) > 0.02, gaps
     # OpenAI's delta fields only: no empty tool_calls, no empty system_fingerprint.
     assert '"tool_calls"' not in chunks[1][1] and "system_fingerprint" not in chunks[1][1]
