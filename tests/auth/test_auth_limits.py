@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 from google.rpc import code_pb2
 
@@ -38,12 +39,17 @@ class FakeClock:
 async def fake_clock_limiter(limiter_redis: str):  # type: ignore[no-untyped-def]
     clock = FakeClock()
     limiter: Limiter
+    ns = uuid.uuid4().hex[:8]
     if limiter_redis:
-        limiter = RedisLimiter.from_url(limiter_redis, prefix=f"llmesh-test:{{{uuid.uuid4().hex[:8]}}}:")
-        limiter._clock = clock  # type: ignore[attr-defined]
+        client = aioredis.Redis.from_url(limiter_redis)
+        limiter = RedisLimiter(client, prefix=f"llmesh-test:{{{ns}}}:", clock=clock)
     else:
         limiter = MemoryLimiter(clock)
     yield limiter, clock
+    if limiter_redis:
+        keys = [k async for k in client.scan_iter(match=f"llmesh-test:\\{{{ns}\\}}:*")]
+        if keys:
+            await client.delete(*keys)
     await limiter.close()
 
 
