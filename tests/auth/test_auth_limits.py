@@ -12,7 +12,15 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from google.rpc import code_pb2
 
-from llmesh.auth.limiter import Limiter, LimitExceeded, MemoryLimiter, Reservation, Scope
+from llmesh.auth.limiter import (
+    BudgetUnseeded,
+    Limiter,
+    LimitExceeded,
+    MemoryLimiter,
+    Reservation,
+    Scope,
+    period_of,
+)
 from llmesh.auth.principal import Limits
 from llmesh.auth.redis_limiter import RedisLimiter
 from llmesh.auth.request_body import demand_of
@@ -79,6 +87,11 @@ async def test_refused_requests_do_not_consume_rpm(fake_clock_limiter) -> None: 
 async def test_tpm_budget_parallel_reserve_then_settle(fake_clock_limiter) -> None:  # type: ignore[no-untyped-def]
     limiter, clock = fake_clock_limiter
     lim = Limits(tpm=100, budget_tokens=150, budget_period="day", max_parallel=2)
+    with pytest.raises(BudgetUnseeded) as unseeded:  # a budget counter starts from the ledger
+        await limiter.reserve(_res("a", lim, 60), timeout_s=60)
+    assert unseeded.value.period_id == period_of("day", clock.now)[0] == "d20270115"
+    await limiter.seed_budget("k:test", unseeded.value.period_id, 0)
+    await limiter.seed_budget("k:test", unseeded.value.period_id, 9999)  # only the first seed counts
     await limiter.reserve(_res("a", lim, 60), timeout_s=60)
     with pytest.raises(LimitExceeded) as tpm:
         await limiter.reserve(_res("b", lim, 60), timeout_s=60)  # 120 > 100 tokens this minute
@@ -300,3 +313,22 @@ async def test_get_usage_admins_see_all_users_only_themselves(make_auth: AuthFac
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await a.auth.GetUsage(pb.GetUsageRequest(start_date="yesterday"), metadata=bearer(a.admin_key))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_budget_survives_a_restart_and_a_lost_redis(
+    make_auth: AuthFactory, sqlite_url: str, limiter_redis: str
+) -> None:
+    """Budget counters start from the ledger, so a new process (or an emptied Redis) does not reset them."""
+    a = await make_auth(redis_url=limiter_redis)
+    _, key = await _user_key(a, limits=pb.Limits(budget_tokens=1000, budget_period=pb.BUDGET_PERIOD_MONTH))
+    auth = {"authorization": f"Bearer {key}"}
+    r = await a.authz.Check(check_request(CHAT, auth, _chat_with_worst_case(700)))
+    await _record(a, header_map(r)["x-llmesh-request-id"], 100, 500)  # 600 spent
+    await a.running.stop(None)
+    # A new replica with fresh counters: in-process ones, or a Redis prefix nothing was written to.
+    b = await make_auth(redis_url=limiter_redis, shared_ns=False)
+    refused = await b.authz.Check(check_request(CHAT, auth, _chat_with_worst_case(401)))
+    assert refused.status.code == code_pb2.RESOURCE_EXHAUSTED
+    assert (
+        await b.authz.Check(check_request(CHAT, auth, _chat_with_worst_case(400)))
+    ).status.code == code_pb2.OK

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from llmesh.auth.apikeys import model_allowed
 from llmesh.auth.ledger import OUTCOMES, Ledger, UsageRecord, check_request_id
-from llmesh.auth.limiter import Limiter, Reservation, Scope
+from llmesh.auth.limiter import BudgetUnseeded, Limiter, Reservation, Scope, period_start_day
 from llmesh.auth.principal import Principal
 from llmesh.auth.request_body import Demand
 from llmesh.auth.schema import ID_LEN
-from llmesh.common.errors import Forbidden, InvalidRequest
+from llmesh.common.errors import DependencyDown, Forbidden, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,25 @@ class Admission:
             credits_balance=principal.credits or 0,
             credits_cost=self.cost(tokens) if limited else 0,
         )
-        return await self._limiter.reserve(reservation, timeout_s=self._timeout)
+        for _ in range(len(scopes) + 1):
+            try:
+                return await self._limiter.reserve(reservation, timeout_s=self._timeout)
+            except BudgetUnseeded as missing:
+                await self._seed(missing)
+        raise DependencyDown("budget counters could not be seeded from the ledger; retry")
+
+    async def _seed(self, missing: BudgetUnseeded) -> None:
+        """Start a budget counter from the ledger: a restart or a lost Redis must not reset budgets."""
+        kind, _, ident = missing.scope.name.partition(":")
+        since = period_start_day(missing.scope.limits.budget_period, time.time())
+        spent = await asyncio.to_thread(
+            self._ledger.spent,
+            key_id=ident if kind == "k" else "",
+            user_id=ident if kind == "u" else "",
+            since_day=since,
+        )
+        await self._limiter.seed_budget(missing.scope.name, missing.period_id, spent)
+        log.info("budget counter seeded from the ledger", extra={"scope": missing.scope.name, "spent": spent})
 
     async def record(self, usage: Usage) -> tuple[bool, int]:
         """Write the ledger row and settle; (False, 0) when this request id was already recorded."""

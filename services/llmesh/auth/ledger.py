@@ -13,7 +13,9 @@ from llmesh.auth import schema
 from llmesh.auth.db import guarded, utcnow
 from llmesh.common.errors import InvalidRequest
 
-OUTCOMES = ("success", "error", "cancelled", "expired")
+# The proto's words, the picker's (rejected before running, worker_failed mid-stream), and the
+# sweeper's (expired: nobody reported back before the reservation timeout).
+OUTCOMES = ("success", "error", "cancelled", "rejected", "worker_failed", "expired")
 MAX_REQUEST_ID = 64
 
 
@@ -92,6 +94,20 @@ class Ledger:
         except sa.exc.IntegrityError:
             return False
         return True
+
+    def spent(self, *, user_id: str = "", key_id: str = "", since_day: str = "") -> int:
+        """Tokens a user or key used from `since_day` on ("" for all time): seeds budget counters."""
+        u = schema.usage
+        query = sa.select(sa.func.sum(u.c.prompt_tokens + u.c.completion_tokens))
+        query = query.where(u.c.key_id == key_id) if key_id else query.where(u.c.user_id == user_id)
+        if since_day:
+            query = query.where(u.c.day >= since_day)
+
+        def work() -> int:
+            with self._engine.connect() as conn:
+                return int(conn.execute(query).scalar() or 0)
+
+        return guarded(self._engine, work)
 
     def get(self, request_id: str) -> UsageRecord | None:
         def work() -> sa.Row[object] | None:

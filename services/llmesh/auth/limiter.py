@@ -86,6 +86,28 @@ class LimitExceeded(OverCapacity):
         self.scope = scope
 
 
+class BudgetUnseeded(Exception):
+    """A budget counter this limiter does not hold yet (new process, Redis restarted or expired):
+    the caller seeds it from the ledger with `Limiter.seed_budget` and reserves again."""
+
+    def __init__(self, scope: Scope, period_id: str) -> None:
+        super().__init__(f"budget counter {scope.name}:{period_id} is not seeded")
+        self.scope = scope
+        self.period_id = period_id
+
+
+def period_start_day(period: str, now: float) -> str:
+    """First day (YYYY-MM-DD, UTC) of the budget period containing `now`; "" for a lifetime budget."""
+    t = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        return t.strftime("%Y-%m-%d")
+    if period == "week":
+        return (t - timedelta(days=t.weekday())).strftime("%Y-%m-%d")
+    if period == "month":
+        return t.strftime("%Y-%m-01")
+    return ""
+
+
 def period_of(period: str, now: float) -> tuple[str, float]:
     """(period id, seconds until it ends) for a budget period at time `now` (UTC calendar)."""
     t = datetime.fromtimestamp(now, UTC)
@@ -125,7 +147,14 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(self, reservation: Reservation, *, timeout_s: float) -> Reservation:
-        """Reserve or raise LimitExceeded (nothing changed). A repeated request id is refused."""
+        """Reserve or raise LimitExceeded (nothing changed). A repeated request id is refused.
+
+        Raises BudgetUnseeded (nothing changed) when a budget counter must first be seeded.
+        """
+
+    @abc.abstractmethod
+    async def seed_budget(self, scope: str, period_id: str, tokens: int) -> None:
+        """Start a budget counter at `tokens` (what the ledger says was spent), unless one exists."""
 
     @abc.abstractmethod
     async def settle(self, request_id: str, tokens: int, credits: int) -> Reservation | None:
@@ -183,7 +212,9 @@ class MemoryLimiter(Limiter):
                 if prev * (1 - second / 60) + cur + r.tokens > lim.tpm:
                     raise LimitExceeded("tpm", s.name, 60 - second)
             if lim.budget_tokens:
-                used = self._budget.get((s.name, r.periods[s.name]), 0)
+                if (s.name, r.periods[s.name]) not in self._budget:
+                    raise BudgetUnseeded(s, r.periods[s.name])
+                used = self._budget[(s.name, r.periods[s.name])]
                 if used + r.tokens > lim.budget_tokens:
                     raise LimitExceeded("budget", s.name, period_of(lim.budget_period, now)[1])
             if lim.max_parallel and self._parallel.get(s.name, 0) >= lim.max_parallel:
@@ -207,6 +238,9 @@ class MemoryLimiter(Limiter):
         self._open[r.request_id] = r
         self._forget_old_minutes(r.minute)
         return r
+
+    async def seed_budget(self, scope: str, period_id: str, tokens: int) -> None:
+        self._budget.setdefault((scope, period_id), tokens)
 
     def _forget_old_minutes(self, minute: int) -> None:
         if len(self._tpm) > 4096:

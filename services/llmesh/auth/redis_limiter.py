@@ -13,12 +13,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from llmesh.auth.limiter import Limiter, LimitExceeded, Reservation, period_of, prepared
+from llmesh.auth.limiter import BudgetUnseeded, Limiter, LimitExceeded, Reservation, period_of, prepared
 from llmesh.common.errors import DependencyDown, OverCapacity
 
 DEFAULT_PREFIX = "llmesh:{auth}:"
+# Period budget counters outlive the longest period (a month); a lost one is re-seeded from the ledger.
+BUDGET_TTL_S = 40 * 86400
 
-# ARGV[1]: key prefix, ARGV[2]: the prepared reservation (JSON), ARGV[3]: now (seconds).
+# ARGV[1]: key prefix, ARGV[2]: the prepared reservation (JSON), ARGV[3]: now (seconds),
+# ARGV[4]: the user's credits in SQL (seeds the live balance), ARGV[5]: budget counter TTL.
 RESERVE = """
 local pre = ARGV[1]
 local r = cjson.decode(ARGV[2])
@@ -44,8 +47,9 @@ for _, s in ipairs(r.scopes) do
     end
   end
   if l.budget_tokens > 0 then
-    local used = tonumber(redis.call('GET', pre .. 'bud:' .. s.name .. ':' .. r.periods[s.name]) or '0')
-    if used + r.tokens > l.budget_tokens then
+    local used = redis.call('GET', pre .. 'bud:' .. s.name .. ':' .. r.periods[s.name])
+    if not used then return {'unseeded', s.name, r.periods[s.name]} end
+    if tonumber(used) + r.tokens > l.budget_tokens then
       return {'refused', 'budget', s.name, ''}
     end
   end
@@ -78,7 +82,7 @@ for _, s in ipairs(r.scopes) do
   if l.budget_tokens > 0 then
     local k = pre .. 'bud:' .. s.name .. ':' .. r.periods[s.name]
     redis.call('INCRBY', k, r.tokens)
-    if r.periods[s.name] ~= 'all' then redis.call('EXPIRE', k, 40 * 86400) end
+    if r.periods[s.name] ~= 'all' then redis.call('EXPIRE', k, tonumber(ARGV[5])) end
   end
   if l.max_parallel > 0 then
     redis.call('INCR', pre .. 'par:' .. s.name)
@@ -152,12 +156,17 @@ class RedisLimiter(Limiter):
         r = prepared(reservation, now, timeout_s)
         body = json.dumps(r.to_json())
         try:
-            out = await self._reserve(args=[self._prefix, body, repr(now), str(r.credits_balance)])
+            out = await self._reserve(
+                args=[self._prefix, body, repr(now), str(r.credits_balance), str(BUDGET_TTL_S)]
+            )
         except (RedisError, OSError) as e:
             raise DependencyDown(f"Redis limiter unavailable: {e}") from None
         status = _s(out[0])
         if status == "ok":
             return r
+        if status == "unseeded":
+            unseeded = next(s for s in r.scopes if s.name == _s(out[1]))
+            raise BudgetUnseeded(unseeded, _s(out[2]))
         if status == "dup":
             raise OverCapacity(f"request id {r.request_id} already holds a reservation")
         limit, scope, retry = _s(out[1]), _s(out[2]), _s(out[3])
@@ -169,6 +178,16 @@ class RedisLimiter(Limiter):
         else:
             retry_s = float(retry)
         raise LimitExceeded(limit, scope, retry_s)
+
+    async def seed_budget(self, scope: str, period_id: str, tokens: int) -> None:
+        key = f"{self._prefix}bud:{scope}:{period_id}"
+        try:
+            if period_id == "all":
+                await self._redis.set(key, tokens, nx=True)
+            else:
+                await self._redis.set(key, tokens, nx=True, ex=BUDGET_TTL_S)
+        except (RedisError, OSError) as e:
+            raise DependencyDown(f"Redis limiter unavailable: {e}") from None
 
     async def settle(self, request_id: str, tokens: int, credits: int) -> Reservation | None:
         try:
