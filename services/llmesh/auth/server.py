@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,18 +213,51 @@ async def start_auth(
     return running
 
 
-def print_bootstrap(boot: Bootstrap) -> None:
-    """Show the first admin's credentials once, on the terminal (stderr), never in the log."""
-    print(
-        "\n=== llmesh: admin account created (shown once; store it now) ===\n"
-        f"  username: {boot.username}\n  password: {boot.password}\n  API key:  {boot.api_key}\n",
-        file=sys.stderr,
-        flush=True,
+def show_bootstrap(boot: Bootstrap, ready_file: Path | None) -> dict[str, str] | None:
+    """Show the first admin's credentials once, never in the log.
+
+    On a terminal they are printed to stderr. Under a supervisor (`llmesh up` passes a ready file
+    and sends our output to a log file) they go into the ready file instead, readable by the owner
+    only, for the supervisor to print on its terminal and delete.
+    """
+    if sys.stderr.isatty():
+        print(
+            "\n=== llmesh: admin account created (shown once; store it now) ===\n"
+            f"  username: {boot.username}\n  password: {boot.password}\n  API key:  {boot.api_key}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    if ready_file is not None:
+        return {"username": boot.username, "password": boot.password, "api_key": boot.api_key}
+    log.warning(
+        "admin %r created, but there is no terminal to show its generated credentials on; set "
+        "auth.admin_password, or run `llmesh auth create-key --user %s` for a key",
+        boot.username,
+        boot.username,
     )
+    return None
+
+
+def write_private_ready_file(path: Path, **info: object) -> None:
+    """The ready file, atomically and readable by the owner only (it may carry credentials)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info))
+    tmp.replace(path)
 
 
 async def serve_auth(config: AuthServiceConfig, ready_file: Path | None = None) -> None:
-    """Run until SIGTERM/SIGINT; `ready_file` gets {"port": N} once serving."""
-    running = await start_auth(config, on_bootstrap=print_bootstrap)
-    write_ready_file(ready_file, port=running.port)
+    """Run until SIGTERM/SIGINT; `ready_file` gets {"port": N} once serving (plus `bootstrap`,
+    the first admin's credentials, on the start that created it without a terminal to show them)."""
+    shown: list[dict[str, str] | None] = []
+    running = await start_auth(
+        config, on_bootstrap=lambda boot: shown.append(show_bootstrap(boot, ready_file))
+    )
+    bootstrap = next((b for b in shown if b), None)
+    if ready_file is not None and bootstrap is not None:
+        write_private_ready_file(ready_file, port=running.port, bootstrap=bootstrap)
+    else:
+        write_ready_file(ready_file, port=running.port)
     await serve_until_signal(running, config.shutdown_grace_seconds)
