@@ -23,7 +23,7 @@ from llmesh.registry.servicer import RegistryServicer
 from llmesh.registry.traffic import TrafficFeed
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from llmesh.registry.worker_store import WorkerStore, flush, write_behind
+from llmesh.registry.worker_store import MembershipWriter, WorkerStore
 from llmesh.registry.workers import WorkerTable
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,14 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
         config.heartbeat_ttl_seconds, conflict_window_s=2 * config.heartbeat_interval_seconds
     )
     workers.restore(saved)
+    writer = MembershipWriter(workers, store)
     servicer = RegistryServicer(
         catalog,
         workers,
         ttl_s=config.heartbeat_ttl_seconds,
         heartbeat_interval_s=config.heartbeat_interval_seconds,
         traffic=traffic,
+        persist=writer.flush,
     )
 
     def add(server: aio.Server) -> list[str]:
@@ -163,7 +165,7 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
         _evict_loop(workers, min(1.0, config.heartbeat_ttl_seconds / 4)), name="registry-evictor"
     )
     persister = asyncio.create_task(
-        write_behind(workers, store, config.persist_interval_seconds), name="registry-membership-writer"
+        writer.run(config.persist_interval_seconds), name="registry-membership-writer"
     )
 
     async def shutdown() -> None:
@@ -176,7 +178,7 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
         traffic.close()
 
     async def close_catalog() -> None:
-        await flush(workers, store)
+        await writer.flush()
         await asyncio.to_thread(catalog.dispose)
 
     running.on_shutdown.append(shutdown)

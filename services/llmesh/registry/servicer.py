@@ -8,9 +8,10 @@ resolve from the last known catalog during an outage, so a database error is UNA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grpc import aio
 
@@ -26,6 +27,8 @@ from llmesh.registry.workers import WorkerTable
 # host:port (host may be a name, IPv4 or [IPv6]), or a unix: socket path.
 _ADDRESS = re.compile(r"^(unix:.+|(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5}))$")
 MAX_ID_LEN = 255
+# How long a membership RPC waits for its change to reach the database before answering anyway.
+PERSIST_WAIT_S = 1.0
 
 
 def _require_worker_id(worker_id: str) -> None:
@@ -64,12 +67,21 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         ttl_s: float,
         heartbeat_interval_s: float,
         traffic: TrafficFeed | None = None,
+        persist: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._catalog = catalog
         self._workers = workers
         self._ttl_s = ttl_s
         self._interval_s = heartbeat_interval_s
         self._traffic = traffic or TrafficFeed()
+        self._persist = persist
+
+    async def _persisted(self) -> None:
+        # Best effort, bounded: a database that is down (or hangs) leaves the change queued for the
+        # write-behind loop and never fails or stalls the RPC.
+        if self._persist is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._persist()), PERSIST_WAIT_S)
 
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: aio.ServicerContext
@@ -125,6 +137,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         stored.model_versions.clear()
         stored.model_versions.update(await self._check_versions(worker, resolved))
         self._workers.register(stored)
+        await self._persisted()
         return registry_pb2.RegisterWorkerResponse(
             lease_ttl_seconds=math.ceil(self._ttl_s),
             heartbeat_interval_seconds=max(1, math.ceil(self._interval_s)),
@@ -150,6 +163,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         """A worker leaves; idempotent (an unknown id is not an error)."""
         _require_worker_id(request.worker_id)
         self._workers.deregister(request.worker_id)
+        await self._persisted()
         return registry_pb2.DeregisterWorkerResponse()
 
     async def ListWorkers(
@@ -165,6 +179,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         """Marks a worker DRAINING: schedulers stop leasing it; its heartbeat answer tells it so."""
         _require_worker_id(request.worker_id)
         worker = self._workers.set_status(request.worker_id, registry_pb2.WORKER_STATUS_DRAINING)
+        await self._persisted()
         return registry_pb2.DrainWorkerResponse(worker=worker)
 
     async def CordonWorker(
@@ -174,6 +189,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         _require_worker_id(request.worker_id)
         status = registry_pb2.WORKER_STATUS_CORDONED if request.cordoned else registry_pb2.WORKER_STATUS_READY
         worker = self._workers.set_status(request.worker_id, status)
+        await self._persisted()
         return registry_pb2.CordonWorkerResponse(worker=worker)
 
     async def WatchWorkers(

@@ -71,34 +71,42 @@ class WorkerStore:
                 )
 
 
-async def write_behind(table: WorkerTable, store: WorkerStore, period_s: float) -> None:
-    """Flush membership changes every `period_s`; on failure keep them and retry with backoff."""
-    delay = period_s
-    failing = False
-    while True:
-        await asyncio.sleep(delay)
-        saves, deletes = table.take_changes()
-        if not saves and not deletes:
-            continue
-        try:
-            await asyncio.to_thread(store.save, saves, deletes)
-        except Exception as e:
-            table.changes_failed([w.worker_id for w, _ in saves] + deletes)
-            if not failing:
-                log.warning("cannot persist membership (%s); kept in memory, retrying", e)
-            failing = True
-            delay = min(delay * 2, 5.0)
-            continue
-        if failing:
-            log.info("membership persisted again", extra={"workers": len(saves), "removed": len(deletes)})
-        failing = False
+class MembershipWriter:
+    """Writes membership changes behind the in-memory table, one batch at a time (in order).
+
+    Joins, leaves and operator changes are flushed by their RPC before it answers (so a registry
+    killed right after still knows them); a background loop catches everything else (evictions,
+    status reported by heartbeats) and retries failed batches with backoff.
+    """
+
+    def __init__(self, table: WorkerTable, store: WorkerStore) -> None:
+        self._table = table
+        self._store = store
+        self._lock = asyncio.Lock()
+        self.failing = False
+
+    async def flush(self) -> bool:
+        """Write pending changes now; False (changes kept for the next try) when the database fails."""
+        async with self._lock:
+            saves, deletes = self._table.take_changes()
+            if not saves and not deletes:
+                return True
+            try:
+                await asyncio.to_thread(self._store.save, saves, deletes)
+            except Exception as e:
+                self._table.changes_failed([w.worker_id for w, _ in saves] + deletes)
+                if not self.failing:
+                    log.warning("cannot persist membership (%s); kept in memory, retrying", e)
+                self.failing = True
+                return False
+        if self.failing:
+            log.info("membership persisted again")
+        self.failing = False
+        return True
+
+    async def run(self, period_s: float) -> None:
+        """Flush every `period_s`, backing off up to 5 s while the database fails."""
         delay = period_s
-
-
-async def flush(table: WorkerTable, store: WorkerStore) -> None:
-    """Write pending changes now (shutdown); failures are logged, not raised."""
-    saves, deletes = table.take_changes()
-    try:
-        await asyncio.to_thread(store.save, saves, deletes)
-    except Exception as e:
-        log.warning("membership not persisted at shutdown: %s", e)
+        while True:
+            await asyncio.sleep(delay)
+            delay = period_s if await self.flush() else min(delay * 2, 5.0)
