@@ -10,6 +10,7 @@ made the change in the audit table.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
@@ -159,7 +160,7 @@ class CatalogAdminRpcs:
 
     async def WatchTrafficWeights(
         self, request: registry_pb2.WatchTrafficWeightsRequest, context: aio.ServicerContext
-    ):  # type: ignore[no-untyped-def]
+    ) -> AsyncIterator[registry_pb2.WatchTrafficWeightsResponse]:
         """Streams every split (snapshot=true), then each split that changes."""
         async for event in self._traffic.watch():
             yield event

@@ -203,6 +203,11 @@ class WorkerMembership:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self._max_backoff_s)
 
+    def _jittered_period(self) -> float:
+        # 80-100 % of the period: workers started together do not heartbeat in lockstep (bursts
+        # of events for every watcher), and a heartbeat is never later than the period.
+        return self._period_s * random.uniform(0.8, 1.0)
+
     async def _pause(self, seconds: float) -> None:
         """Sleep until the next heartbeat is due, or until `report_status` wants one now."""
         with contextlib.suppress(TimeoutError):
@@ -212,10 +217,10 @@ class WorkerMembership:
     async def _heartbeat_loop(self) -> None:
         failing = False
         retry_s = 0.1
-        delay = self._period_s
+        delay = self._jittered_period()
         while True:
             await self._pause(delay)
-            delay = self._period_s
+            delay = self._jittered_period()
             try:
                 response = await self._stub.Heartbeat(
                     registry_pb2.HeartbeatRequest(
