@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
-import yaml
 from sqlalchemy.engine import Engine
 
 from llmesh.common.errors import Aborted, Conflict, InvalidRequest, NotFound
@@ -29,7 +28,10 @@ from llmesh.registry.catalog_rows import (
     status_column,
     to_model,
 )
-from llmesh.registry.model_spec import ModelSpec, check_step, spec_from_mapping, to_export_mapping
+from llmesh.registry.model_spec import ModelSpec, check_step, to_export_mapping
+from llmesh.registry.models_yaml import dump_models_yaml, parse_models_yaml
+
+__all__ = ["CatalogWrites", "ImportResult", "parse_models_yaml"]
 from llmesh.registry.schema import aliases_table, audit_table, models_table
 
 MAX_WEIGHT = 1_000_000
@@ -49,28 +51,6 @@ class ImportResult:
         """Model names the import touched or confirmed, in file order."""
         keys = [*self.created, *self.updated, *self.unchanged]
         return list(dict.fromkeys(k.split("@", 1)[0] for k in keys))
-
-
-def parse_models_yaml(text: str) -> list[ModelSpec]:
-    """A models YAML (`models:` list, or a bare list) as specs; errors name `models[i].field`."""
-    try:
-        data = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise InvalidRequest(f"yaml: not valid YAML: {e}") from None
-    if isinstance(data, dict):
-        unknown = sorted(set(data) - {"models"})
-        if unknown:
-            raise InvalidRequest(f"yaml: unknown top-level key(s) {unknown}; expected `models:`")
-        data = data.get("models")
-    if not isinstance(data, list) or not data:
-        raise InvalidRequest("yaml: expected a non-empty `models:` list (see ExportModels for the format)")
-    specs = [spec_from_mapping(m, f"models[{i}]") for i, m in enumerate(data)]
-    seen: dict[str, int] = {}
-    for i, s in enumerate(specs):
-        if s.key in seen:
-            raise InvalidRequest(f"models[{i}]: {s.key} also appears as models[{seen[s.key]}]")
-        seen[s.key] = i
-    return specs
 
 
 def _dump(value: Any) -> str | None:
@@ -336,9 +316,7 @@ class CatalogWrites:
             rows = conn.execute(query).all()
             aliases = aliases_of(conn, {r.name for r in rows})
         entries = [to_export_mapping(to_model(r, ()).to_spec(), aliases.get(r.name, ())) for r in rows]
-        return yaml.safe_dump(
-            {"models": entries}, sort_keys=False, allow_unicode=True, default_flow_style=False, width=4096
-        )
+        return dump_models_yaml(entries)
 
     @db_call
     def audit_events(self, model: str = "", limit: int = 100) -> list[sa.Row[Any]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmesh.common.config import ModelConfig
-from llmesh.common.errors import InvalidRequest
+from llmesh.common.errors import FailedPrecondition, InvalidRequest
 from llmesh.registry.schema import NAME_LEN, VERSION_LEN
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -80,8 +80,6 @@ ALLOWED_STEPS: dict[str, frozenset[str]] = {
 
 def check_step(current: str, wanted: str, where: str) -> None:
     """Refuse a status change that is not a lifecycle edge (FAILED_PRECONDITION names the field)."""
-    from llmesh.common.errors import FailedPrecondition
-
     if current != wanted and wanted not in ALLOWED_STEPS[current]:
         allowed = sorted(ALLOWED_STEPS[current], key=STATUSES.index)
         raise FailedPrecondition(
