@@ -223,3 +223,14 @@ async def test_raw_header_map_is_read_too(make_auth: AuthFactory) -> None:
     r = await a.authz.Check(request)
     assert r.status.code == code_pb2.OK
     assert header_map(r)["x-llmesh-user"] != "forged" and "x-llmesh-user" in r.ok_response.headers_to_remove
+
+
+async def test_rest_paths_fail_closed(make_auth: AuthFactory) -> None:
+    """A REST path means ext_authz runs before the transcoder: deny, do not skip the reservation."""
+    a = await make_auth()
+    for path in ("/v1/chat/completions", "/v1/models", "/healthz", "/llmesh.model.v1.ModelService"):
+        r = await a.authz.Check(check_request(path, {"authorization": f"Bearer {a.admin_key}"}))
+        assert r.status.code == code_pb2.INTERNAL and r.denied_response.status.code == 500, path
+        assert "transcoder" in _error(r)["message"]
+    ok = await a.authz.Check(check_request(CHAT + "?x=1", {"authorization": f"Bearer {a.admin_key}"}, chat()))
+    assert ok.status.code == code_pb2.OK

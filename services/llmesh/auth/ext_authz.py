@@ -167,6 +167,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def _decide(
         self, method: str, headers: dict[str, str], http: object, request_id: str
     ) -> Principal | None:
+        if not routes.is_grpc_method(method):
+            # A REST path would skip the allow-list and the reservation: fail closed, loudly.
+            raise LlmeshError(
+                f"edge misconfiguration: ext_authz saw the HTTP path {method[:100]!r}; it must run after "
+                "the gRPC-JSON transcoder (or be disabled on routes that are not gRPC)"
+            )
         if routes.is_internal(method):
             raise Forbidden(f"{method} is an internal RPC and is not reachable from outside")
         if routes.is_public(method, allow_registration=self._allow_registration):

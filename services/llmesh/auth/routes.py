@@ -6,6 +6,8 @@ method paths (`/package.Service/Method`), which is what ext_authz sees after the
 
 from __future__ import annotations
 
+import re
+
 AUTH = "/llmesh.auth.v1.AuthService/"
 MODEL = "/llmesh.model.v1.ModelService/"
 REGISTRY = "/llmesh.registry.v1.RegistryService/"
@@ -75,6 +77,15 @@ INFERENCE_GENERATE: frozenset[str] = frozenset({MODEL + "Generate", MODEL + "Gen
 INFERENCE = INFERENCE_CHAT | INFERENCE_TEXT | INFERENCE_GENERATE
 # Name a model (allow-list) but use no generation budget.
 MODEL_SCOPED: frozenset[str] = frozenset({MODEL + "Tokenize", MODEL + "Detokenize"})
+
+
+# /package.Service/Method: what every request looks like after the JSON transcoder.
+_GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+/[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_grpc_method(method: str) -> bool:
+    """Whether `method` is a gRPC method path (a REST path means the filter runs too early)."""
+    return _GRPC_METHOD.match(method) is not None
 
 
 def method_of(path: str) -> str:
