@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from llmesh.common.v1 import common_pb2
+from llmesh.registry.traffic_watch import TrafficWatch
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 
 ADMIN = (("x-llmesh-role", "admin"), ("x-llmesh-user", "alice"))
@@ -365,3 +366,45 @@ async def test_aliases_and_versions_with_traffic_weights(db_url: str, make_regis
     )
     await stub.DeleteModel(S.DeleteModelRequest(name="llama3-8b-instruct", version="v2"), metadata=ADMIN)
     assert (await stub.GetModel(S.GetModelRequest(name="llama3-8b-instruct"))).model.version == "v1"
+
+
+async def test_traffic_watch_follows_the_splits_through_a_restart(make_registry: Any, tmp_path: Any) -> None:
+    from tests.registry.procs import free_port
+
+    port = free_port()
+    db = f"sqlite:///{tmp_path}/traffic.db"
+    running, stub = await make_registry(database_url=db, listen=f"127.0.0.1:{port}")
+    await stub.CreateModel(
+        S.CreateModelRequest(model=S.Model(name="tiny-llama", version="v2")), metadata=ADMIN
+    )
+    changes: list[dict[str, dict[str, int]]] = []
+    watch = TrafficWatch(f"127.0.0.1:{port}", on_change=changes.append, max_backoff_s=0.2)
+    watch.start()
+    try:
+        await asyncio.wait_for(watch.synced.wait(), 2)
+        assert watch.weights("tiny-llama") == {}
+        await stub.SetTrafficWeights(
+            S.SetTrafficWeightsRequest(name="tiny", weights={"v1": 90, "v2": 10}), metadata=ADMIN
+        )
+
+        async def split_is(expected: dict[str, int]) -> None:
+            while watch.weights("tiny-llama") != expected:  # noqa: ASYNC110 (the watch fills it)
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(split_is({"v1": 90, "v2": 10}), 2)
+        await running.stop(None)
+        assert watch.weights("tiny-llama") == {"v1": 90, "v2": 10}  # kept while the registry is away
+        _, stub = await make_registry(database_url=db, listen=f"127.0.0.1:{port}")
+        await asyncio.wait_for(_snapshots(watch, 2), 5)
+        await stub.SetTrafficWeights(
+            S.SetTrafficWeightsRequest(name="tiny", weights={"v2": 1}), metadata=ADMIN
+        )
+        await asyncio.wait_for(split_is({"v2": 1}), 2)
+        assert changes[-1] == {"tiny-llama": {"v2": 1}}
+    finally:
+        await watch.stop()
+
+
+async def _snapshots(watch: TrafficWatch, n: int) -> None:
+    while watch.snapshots < n:  # noqa: ASYNC110 (the watch counts them)
+        await asyncio.sleep(0.02)
