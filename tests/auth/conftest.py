@@ -204,3 +204,16 @@ def header_map(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
     else:
         opts = response.denied_response.headers
     return {h.header.key: h.header.value for h in opts}
+
+
+def envoy_applies(
+    request_headers: dict[str, str], response: external_auth_pb2.CheckResponse
+) -> dict[str, str]:
+    """The upstream request's headers after Envoy applies an OK CheckResponse, in Envoy's order
+    (ext_authz.cc: `headers` are set first, then `headers_to_remove` are removed)."""
+    out = {k.lower(): v for k, v in request_headers.items()}
+    for option in response.ok_response.headers:
+        out[option.header.key.lower()] = option.header.value
+    for name in response.ok_response.headers_to_remove:
+        out.pop(name.lower(), None)
+    return out

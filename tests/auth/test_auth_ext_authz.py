@@ -14,7 +14,15 @@ from llmesh.auth import routes
 from llmesh.auth.v1 import auth_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2 as model_pb2
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
-from tests.auth.conftest import AuthClient, AuthFactory, bearer, check_request, header_map
+from tests.auth.conftest import (
+    ADMIN_PASSWORD,
+    AuthClient,
+    AuthFactory,
+    bearer,
+    check_request,
+    envoy_applies,
+    header_map,
+)
 
 CHAT = routes.MODEL + "StreamChatCompletion"
 
@@ -70,27 +78,35 @@ async def test_allowed_request_gets_identity_headers_and_client_ones_are_strippe
 ) -> None:
     a = await make_auth()
     user_id, key = await _user_key(a)
-    r = await a.authz.Check(
-        check_request(
-            CHAT,
-            {
-                "authorization": f"Bearer {key}",
-                "x-llmesh-user": "admin",
-                "x-llmesh-role": "admin",
-                "x-llmesh-extra": "1",
-            },
-            chat(),
-        )
-    )
+    sent = {
+        "authorization": f"Bearer {key}",
+        "x-llmesh-user": "admin",
+        "x-llmesh-role": "admin",
+        "x-llmesh-request-id": "mine",
+        "x-llmesh-extra": "1",
+    }
+    r = await a.authz.Check(check_request(CHAT, sent, chat()))
     assert r.status.code == code_pb2.OK
-    headers = header_map(r)
-    assert headers["x-llmesh-user"] == user_id and headers["x-llmesh-role"] == "user"
-    assert headers["x-llmesh-key-id"] and headers["x-llmesh-tenant"] == user_id
-    assert len(headers["x-llmesh-request-id"]) == 32
-    removed = set(r.ok_response.headers_to_remove)
-    assert {"x-llmesh-user", "x-llmesh-role", "x-llmesh-extra"} <= removed
+    upstream = envoy_applies(sent, r)
+    assert upstream["x-llmesh-user"] == user_id and upstream["x-llmesh-role"] == "user"
+    assert upstream["x-llmesh-key-id"] and upstream["x-llmesh-tenant"] == user_id
+    assert len(upstream["x-llmesh-request-id"]) == 32 and upstream["x-llmesh-request-id"] != "mine"
+    assert "x-llmesh-extra" not in upstream
+    # Nothing Check sets is also removed (Envoy removes after setting: it would drop ours).
+    assert not set(header_map(r)) & set(r.ok_response.headers_to_remove)
     again = await a.authz.Check(check_request(CHAT, {"authorization": f"Bearer {key}"}, chat()))
-    assert header_map(again)["x-llmesh-request-id"] != headers["x-llmesh-request-id"]
+    assert header_map(again)["x-llmesh-request-id"] != upstream["x-llmesh-request-id"]
+
+
+async def test_jwt_caller_has_no_key_header_even_if_the_client_sent_one(make_auth: AuthFactory) -> None:
+    a = await make_auth()
+    token = (
+        await a.auth.Login(pb.LoginRequest(username="admin", password=ADMIN_PASSWORD))
+    ).tokens.access_token
+    sent = {"authorization": f"Bearer {token}", "x-llmesh-key-id": "forged"}
+    r = await a.authz.Check(check_request(CHAT, sent, chat()))
+    upstream = envoy_applies(sent, r)
+    assert "x-llmesh-key-id" not in upstream and upstream["x-llmesh-role"] == "admin"
 
 
 async def test_model_allow_list_is_403(make_auth: AuthFactory) -> None:
@@ -131,9 +147,10 @@ async def test_internal_rpcs_denied_and_public_routes_need_nothing(make_auth: Au
         r = await a.authz.Check(check_request(path, {"authorization": f"Bearer {a.admin_key}"}))
         assert r.status.code == code_pb2.PERMISSION_DENIED, path
     for path in (routes.AUTH + "Login", routes.AUTH + "GetJwks", "/grpc.health.v1.Health/Check"):
-        r = await a.authz.Check(check_request(path, {"x-llmesh-user": "forged"}))
+        sent = {"x-llmesh-user": "forged", "x-llmesh-role": "admin"}
+        r = await a.authz.Check(check_request(path, sent))
         assert r.status.code == code_pb2.OK, path
-        assert "x-llmesh-user" not in header_map(r) and "x-llmesh-user" in r.ok_response.headers_to_remove
+        assert set(envoy_applies(sent, r)) == {"x-llmesh-request-id"}
     # Register is public only when registration is open.
     closed = await a.authz.Check(check_request(routes.AUTH + "Register"))
     assert closed.status.code == code_pb2.UNAUTHENTICATED
@@ -222,7 +239,7 @@ async def test_raw_header_map_is_read_too(make_auth: AuthFactory) -> None:
     http.header_map.headers.add(key="x-llmesh-user", raw_value=b"forged")
     r = await a.authz.Check(request)
     assert r.status.code == code_pb2.OK
-    assert header_map(r)["x-llmesh-user"] != "forged" and "x-llmesh-user" in r.ok_response.headers_to_remove
+    assert envoy_applies({"x-llmesh-user": "forged"}, r)["x-llmesh-user"] != "forged"
 
 
 async def test_rest_paths_fail_closed(make_auth: AuthFactory) -> None:

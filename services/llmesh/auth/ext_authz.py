@@ -98,19 +98,24 @@ def denied(error: LlmeshError) -> external_auth_pb2.CheckResponse:
 def allowed(
     principal: Principal | None, request_id: str, client_headers: list[str]
 ) -> external_auth_pb2.CheckResponse:
-    """OK: client-sent x-llmesh-* headers removed, then ours set (only the request id when anonymous)."""
-    headers = [_header(REQUEST_ID_HEADER, request_id)]
+    """OK: our identity headers set, every other x-llmesh-* header the client sent removed.
+
+    Envoy applies `headers` (set, overwriting a client's value) before `headers_to_remove`, so a
+    name must never be in both: removal would drop the value we just set.
+    """
+    values = {REQUEST_ID_HEADER: request_id}
     if principal is not None:
-        headers += [
-            _header(USER_HEADER, principal.user_id),
-            _header(KEY_ID_HEADER, principal.key_id),
-            _header(ROLE_HEADER, principal.role),
-            _header(TENANT_HEADER, principal.tenant),
-        ]
-    remove = sorted(set(client_headers) | set(IDENTITY_HEADERS))
+        values.update(
+            {USER_HEADER: principal.user_id, ROLE_HEADER: principal.role, TENANT_HEADER: principal.tenant}
+        )
+        if principal.key_id:
+            values[KEY_ID_HEADER] = principal.key_id
+    remove = sorted((set(client_headers) | set(IDENTITY_HEADERS)) - set(values))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
-        ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_header(k, v) for k, v in values.items()], headers_to_remove=remove
+        ),
     )
 
 
