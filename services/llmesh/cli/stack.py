@@ -70,6 +70,16 @@ class Stack:
 
     def start(self, kind: str, *, name: str | None = None, listen: str, extra: tuple[str, ...] = ()) -> Child:
         """Start `llmesh serve <kind>` and wait until it reports ready."""
+        child = self.spawn(kind, name=name, listen=listen, extra=extra)
+        self.wait_ready(child)
+        return child
+
+    def wait_ready(self, child: Child) -> None:
+        """Wait until a spawned child reports ready (StackError with its log's tail if it does not)."""
+        self._wait_ready(child, READY_TIMEOUT_S.get(child.kind, DEFAULT_READY_TIMEOUT_S))
+
+    def spawn(self, kind: str, *, name: str | None = None, listen: str, extra: tuple[str, ...] = ()) -> Child:
+        """Start `llmesh serve <kind>` without waiting (start several workers' engines at once)."""
         name = name or kind
         ready = self.run_dir / "run" / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
@@ -94,7 +104,6 @@ class Stack:
             )
         child = Child(name=name, kind=kind, process=process, ready_file=ready, log_file=log_file)
         self.children.append(child)
-        self._wait_ready(child, READY_TIMEOUT_S.get(kind, DEFAULT_READY_TIMEOUT_S))
         return child
 
     def _wait_ready(self, child: Child, timeout_s: float) -> None:

@@ -82,12 +82,19 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
         child = stack.start(kind, listen=f"{host}:{port}")
         stack.set_endpoint(kind, f"{host}:{child.port}")
         endpoints.append((kind, f"{host}:{child.port}"))
-    for index, worker in enumerate(cfg.workers or ()):
-        port = worker.port or server.worker_base_port + index
-        child = stack.start(
-            "worker", name=worker.worker_id, listen=f"{host}:{port}", extra=("--worker-id", worker.worker_id)
+    # Workers load their engines in parallel (each takes ~30 s on CPU).
+    workers = [
+        stack.spawn(
+            "worker",
+            name=worker.worker_id,
+            listen=f"{host}:{worker.port or server.worker_base_port + index}",
+            extra=("--worker-id", worker.worker_id),
         )
-        endpoints.append((f"worker {worker.worker_id}", f"{host}:{child.port}"))
+        for index, worker in enumerate(cfg.workers or ())
+    ]
+    for child in workers:
+        stack.wait_ready(child)
+        endpoints.append((f"worker {child.name}", f"{host}:{child.port}"))
     if with_envoy:
         from llmesh.edge.supervise import start_envoy_child
 

@@ -110,7 +110,10 @@ def _wrap_stream(
                 raise
             await _abort_for(error, context, method)
         finally:
-            request_id_var.reset(token)
+            # A stream closed by cancellation is finalized from another context, where the token
+            # cannot be reset; the RPC's own context ends with it anyway.
+            with contextlib.suppress(ValueError):
+                request_id_var.reset(token)
 
     return handler
 

@@ -1,0 +1,216 @@
+"""The token path on the real stack: Envoy streams from vLLM workers (CPU, tiny model) directly,
+the scheduler picks and leases; worker faults, client cancels and draining as a user meets them.
+
+Tests that kill or stop a worker start it again before they end (the stack is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import struct_pb2
+
+from llmesh.model.v1 import model_service_pb2 as pb
+from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
+from llmesh.scheduler.v1 import scheduler_service_pb2 as sched_pb
+from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from llmesh.worker.v1 import worker_service_pb2 as worker_pb
+from llmesh.worker.v1 import worker_service_pb2_grpc as worker_grpc
+from tests.e2e.stack_ops import restart_worker, wait_for_edge_workers
+from tests.support import VllmStack, require
+from tests.wire_timing import post_sse
+
+pytestmark = pytest.mark.vllm
+
+
+def edge(stack: VllmStack) -> str:
+    require(bool(stack.edge), "Envoy is not installed (pip install -e '.[edge]')")
+    return stack.edge
+
+
+def chat(stack: VllmStack, **fields: object) -> pb.CreateChatCompletionRequest:
+    return pb.CreateChatCompletionRequest(
+        model=stack.model,
+        messages=[pb.ChatMessage(role="user", content=struct_pb2.Value(string_value="Tell me a story"))],
+        ignore_eos=True,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def leases(stack: VllmStack) -> dict[str, int]:
+    """Active leases per worker, from the picker's pool."""
+    async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+        status = await sched_grpc.SchedulerServiceStub(channel).GetSchedulerStatus(
+            sched_pb.GetSchedulerStatusRequest()
+        )
+    return {w.worker_id: w.active_leases for w in status.workers}
+
+
+async def engine_requests(stack: VllmStack) -> int:
+    """Requests running or waiting in every worker's engine."""
+    total = 0
+    for address in stack.workers.values():
+        async with grpc.aio.insecure_channel(address) as channel:
+            load = (await worker_grpc.WorkerServiceStub(channel).GetLoad(worker_pb.GetLoadRequest())).load
+        total += load.running_requests + load.waiting_requests
+    return total
+
+
+async def until(predicate, timeout_s: float, what: str) -> float:
+    """Poll an async predicate; returns the seconds it took."""
+    began = time.monotonic()
+    while not await predicate():
+        assert time.monotonic() - began < timeout_s, f"{what} did not happen within {timeout_s} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - began
+
+
+async def test_sse_stream_arrives_token_by_token_and_ends_with_done(vllm_stack: VllmStack) -> None:
+    host, port = edge(vllm_stack).rsplit(":", 1)
+    body = {
+        "model": vllm_stack.model,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 64,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    frames = await asyncio.to_thread(post_sse, host, int(port), "/v1/chat/completions", body)
+    assert frames[-1].data == "data: [DONE]" and [f.data for f in frames].count("data: [DONE]") == 1
+    content = frames[:-1]
+    assert len(content) >= 16, f"64 tokens came in only {len(content)} chunks"
+    # Token by token: chunks leave the engine a decode step apart (milliseconds on this CPU). A
+    # stream held back somewhere and flushed at once reaches the wire within microseconds. Wire
+    # times (the kernel's), so a test process that was not scheduled for a while cannot fake one.
+    gaps = [b.at - a.at for a, b in itertools.pairwise(content)]
+    bunched = sum(1 for gap in gaps if gap < 0.0002)
+    assert bunched <= len(gaps) // 4, f"{bunched} of {len(gaps)} chunks reached the wire together: {gaps}"
+
+
+async def test_client_cancel_aborts_the_engine_request_and_releases_the_lease(vllm_stack: VllmStack) -> None:
+    async with grpc.aio.insecure_channel(edge(vllm_stack)) as channel:
+        models = pb_grpc.ModelServiceStub(channel)
+        for attempt in range(20):
+            # 1000 tokens take seconds on CPU; the engine must go idle long before that.
+            call = models.StreamChatCompletion(chat(vllm_stack, max_tokens=1000))
+            received = 0
+            async for _ in call:
+                received += 1
+                if received == 2:
+                    break
+            assert sum((await leases(vllm_stack)).values()) == 1, (
+                f"attempt {attempt}: one lease while streaming"
+            )
+            call.cancel()
+
+            async def idle() -> bool:
+                return (
+                    await engine_requests(vllm_stack) == 0 and sum((await leases(vllm_stack)).values()) == 0
+                )
+
+            took = await until(idle, 5.0, f"attempt {attempt}: engine abort and lease release")
+            assert took < 2.0, f"attempt {attempt}: idle only {took:.2f} s after the cancel"
+
+
+async def test_two_requests_with_the_same_request_id_run_on_their_own_leases(vllm_stack: VllmStack) -> None:
+    metadata = (("x-request-id", "duplicate-id"),)
+    async with grpc.aio.insecure_channel(edge(vllm_stack)) as channel:
+        models = pb_grpc.ModelServiceStub(channel)
+        calls = [
+            models.StreamChatCompletion(chat(vllm_stack, max_tokens=16), metadata=metadata) for _ in range(2)
+        ]
+
+        async def drain(call) -> list[pb.StreamChatCompletionResponse]:
+            return [c async for c in call]
+
+        results = await asyncio.gather(*(drain(c) for c in calls))
+    assert all(sum(1 for c in chunks if c.choices) >= 2 for chunks in results)
+    assert all(chunks[-1].choices[0].finish_reason == "length" for chunks in results)
+    ids = {chunks[0].id for chunks in results}
+    assert len(ids) == 2 and not any("duplicate-id" in i for i in ids)
+
+
+def envoy_stat(stack: VllmStack, name: str) -> int:
+    with httpx.Client(timeout=5) as client:
+        stats = client.get(f"http://127.0.0.1:{stack.edge_admin_port}/stats", params={"filter": name}).text
+    return sum(int(line.split(": ")[1]) for line in stats.splitlines() if line.split(": ")[0] == name)
+
+
+async def test_a_worker_killed_before_the_first_token_costs_the_client_nothing(vllm_stack: VllmStack) -> None:
+    edge(vllm_stack)
+    retries_before = envoy_stat(vllm_stack, "cluster.llmesh_workers.upstream_rq_retry")
+    vllm_stack.stack.kill("worker-1")  # its address stays in the pool until the registry's TTL
+    try:
+        async with grpc.aio.insecure_channel(vllm_stack.edge) as channel:
+            models = pb_grpc.ModelServiceStub(channel)
+            replies = await asyncio.gather(
+                *(models.CreateChatCompletion(chat(vllm_stack, max_tokens=8)) for _ in range(6))
+            )
+        assert all(r.usage.completion_tokens == 8 for r in replies)
+        # Some of them were leased on the dead worker and retried by Envoy on the fallback.
+        assert envoy_stat(vllm_stack, "cluster.llmesh_workers.upstream_rq_retry") > retries_before
+    finally:
+        restart_worker(vllm_stack, "worker-1")
+
+
+async def test_a_worker_killed_mid_stream_gives_a_clean_error_and_frees_the_lease(
+    vllm_stack: VllmStack,
+) -> None:
+    edge(vllm_stack)
+    async with grpc.aio.insecure_channel(vllm_stack.edge) as channel:
+        call = pb_grpc.ModelServiceStub(channel).StreamChatCompletion(chat(vllm_stack, max_tokens=1000))
+        received = [await call.read(), await call.read()]
+        serving = [w for w, n in (await leases(vllm_stack)).items() if n]
+        assert len(serving) == 1
+        vllm_stack.stack.kill(serving[0])
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        break
+                    received.append(message)
+            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+            assert all(m.choices for m in received[:2])
+
+            async def released() -> bool:
+                return (await leases(vllm_stack)).get(serving[0], 0) == 0
+
+            # Well inside the registry's 5 s TTL: the picker saw the stream end.
+            assert await until(released, 5.0, "lease release") < 2.0
+        finally:
+            restart_worker(vllm_stack, serving[0])
+
+
+async def test_sigterm_lets_the_stream_in_flight_finish_and_sends_new_work_elsewhere(
+    vllm_stack: VllmStack,
+) -> None:
+    edge(vllm_stack)
+    async with grpc.aio.insecure_channel(vllm_stack.edge) as channel:
+        models = pb_grpc.ModelServiceStub(channel)
+        call = models.StreamChatCompletion(chat(vllm_stack, max_tokens=600))
+        first = await call.read()
+        assert first.choices
+        draining = next(w for w, n in (await leases(vllm_stack)).items() if n)
+        other = next(w for w in vllm_stack.workers if w != draining)
+        child = vllm_stack.stack.child(draining)
+        child.process.send_signal(signal.SIGTERM)
+        try:
+            wait_for_edge_workers(vllm_stack, {vllm_stack.workers[other]})
+            # New work goes to the other worker while the old stream runs on.
+            reply = await models.CreateChatCompletion(chat(vllm_stack, max_tokens=4))
+            assert reply.usage.completion_tokens == 4
+            assert (await leases(vllm_stack)).get(draining, 0) == 1
+            rest = [m async for m in call]
+            assert rest[-1].choices[0].finish_reason == "length"
+            tokens = sum(1 for m in [first, *rest] for c in m.choices if c.delta.content)
+            assert tokens > 100, "the stream was cut short"
+            assert await asyncio.to_thread(child.process.wait, 60) == 0
+            vllm_stack.stack.children.remove(child)
+        finally:
+            restart_worker(vllm_stack, draining)
