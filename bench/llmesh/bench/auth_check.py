@@ -218,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             results = asyncio.run(_bench(args, port, child.pid))
         finally:
             child.terminate()
-            child.wait(10)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
             if args.redis:
                 _forget_reservations(args.redis, child.pid)
     limiter = f"Redis limiter ({args.redis})" if args.redis else "in-process limiter"
