@@ -40,7 +40,7 @@ class RegistryProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         """Start and wait until it serves (its ready file appears)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "llmesh.yaml"
