@@ -102,10 +102,14 @@ async def test_worker_removal_and_cordon_through_the_registry_watch(stack: Stack
     lease = (await stack.scheduler.Acquire(acquire("r1", exclude_workers=["w2"]))).lease
     assert lease.worker_id == "w1"
 
+    # w1 leaves while r1 still streams from it: it stays, cordoned, its lease counted, until r1 ends.
     await stack.registry.DeregisterWorker(registry_pb2.DeregisterWorkerRequest(worker_id="w1"))
-    await stack.until(lambda s: [w.worker_id for w in s.workers] == ["w2"])
-    assert not (await stack.scheduler.Release(scheduler_pb2.ReleaseRequest(lease_id=lease.lease_id))).released
+    await stack.until(
+        lambda s: ("w1", True, 1) in [(w.worker_id, w.cordoned, w.active_leases) for w in s.workers]
+    )
     assert (await stack.scheduler.Acquire(acquire("r2"))).lease.worker_id == "w2"
+    assert (await stack.scheduler.Release(scheduler_pb2.ReleaseRequest(lease_id=lease.lease_id))).released
+    await stack.until(lambda s: [w.worker_id for w in s.workers] == ["w2"], timeout=3.0)
 
     await stack.registry.DrainWorker(registry_pb2.DrainWorkerRequest(worker_id="w2"))
     await stack.until(lambda s: s.workers[0].cordoned)
