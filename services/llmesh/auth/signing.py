@@ -127,7 +127,8 @@ class KeyRing:
 
     def reload(self) -> None:
         """Read the keys that can still verify a live token."""
-        cutoff = utcnow() - self._lifetime
+        # Slack: another replica may sign with a key for up to RELOAD_S after it was retired.
+        cutoff = utcnow() - self._lifetime - timedelta(seconds=2 * self.RELOAD_S)
 
         def work() -> list[sa.Row[Any]]:
             with self._engine.connect() as conn:
