@@ -43,8 +43,14 @@ class ModelCatalogServicer(pb_grpc.ModelServiceServicer):
         self._registry = registry
 
     async def _models(self, context: aio.ServicerContext) -> list[registry_pb.Model]:
+        """One entry per model name: the catalog lists each live version (canaries) separately,
+        clients see the model once (the scheduler splits traffic between its versions)."""
         response = await self._registry.ListModels(registry_pb.ListModelsRequest(), context)
-        return [m for m in response.models if m.status != registry_pb.MODEL_STATUS_RETIRED]
+        by_name: dict[str, registry_pb.Model] = {}
+        for model in response.models:
+            if model.status != registry_pb.MODEL_STATUS_RETIRED:
+                by_name.setdefault(model.name, model)
+        return list(by_name.values())
 
     async def _model(self, name: str, context: aio.ServicerContext) -> registry_pb.Model:
         if not name:
