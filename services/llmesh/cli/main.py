@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llmesh.cli import db
 
     db.add_arguments(sub.add_parser("db", help="SQL migrations: `llmesh db upgrade`, `llmesh db current`"))
+
+    from llmesh.cli import certs
+
+    certs.add_arguments(sub.add_parser("certs", help="a local CA and per-service mTLS certificates"))
     return parser
 
 
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmesh.cli.db import db_main
 
         return db_main(args, cfg)
+    if args.command == "certs":
+        from llmesh.cli.certs import certs_main
+
+        return certs_main(args)
     from llmesh.cli.gen import main as gen_main
 
     return gen_main([])
