@@ -23,7 +23,7 @@ from llmesh.auth.users import User, UserStore
 from llmesh.common.errors import Unauthenticated
 
 MAX_CACHE_ENTRIES = 100_000
-MAX_CREDENTIAL_CHARS = 8192
+MAX_CREDENTIAL_CHARS = 4096
 
 
 def credential_from_headers(headers: Sequence[tuple[str, str]] | dict[str, str]) -> str:

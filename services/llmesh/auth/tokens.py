@@ -19,7 +19,7 @@ from llmesh.auth.db import guarded, utcnow
 from llmesh.auth.signing import ALGORITHMS, KeyRing
 from llmesh.common.errors import Unauthenticated
 
-MAX_TOKEN_CHARS = 8192
+MAX_TOKEN_CHARS = 4096
 REFRESH_PREFIX = "rt_"
 
 
