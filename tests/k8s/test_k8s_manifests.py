@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmesh.edge.sidecar import MESH, PROBE_PORT, TLS_DIR
+from llmesh.edge.sidecar import MESH, PROBE_PORT, SECRET_PREFIX, TLS_DIR, spiffe_id
 from tests.k8s.manifests import (
     CRD_KINDS,
     OVERLAYS,
@@ -88,7 +88,25 @@ def test_every_object_passes_the_kubernetes_schemas(overlay: str, version: str, 
 
 def test_no_object_of_an_unknown_kind_slips_past_the_schemas() -> None:
     known_crds = {obj["kind"] for _, obj in all_objects() if obj["kind"] in CRD_KINDS}
-    assert known_crds == {"ScaledObject"}
+    assert known_crds == {"ScaledObject", "Certificate", "Issuer"}
+    for _, obj in all_objects():
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] in ("keda.sh/v1alpha1", "cert-manager.io/v1"), obj["apiVersion"]
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-hpa"])
+def test_cert_manager_fills_every_mtls_secret_with_the_identity_the_sidecars_check(overlay: str) -> None:
+    certificates = {
+        c["spec"]["secretName"]: c["spec"]
+        for c in of_kind(render(overlay), "Certificate")
+        if c["spec"]["secretName"].startswith(SECRET_PREFIX)
+    }
+    assert set(certificates) == {f"{SECRET_PREFIX}{name}" for name in (*MESH, "edge")}
+    for secret, spec in certificates.items():
+        identity = secret.removeprefix(SECRET_PREFIX)
+        assert spec["uris"] == [spiffe_id(identity)]
+        assert set(spec["usages"]) == {"server auth", "client auth"}
+        assert spec["issuerRef"]["name"] == "llmesh-mesh-ca"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
