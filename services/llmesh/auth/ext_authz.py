@@ -170,7 +170,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return allowed(principal, request_id, client_llmesh)
 
     async def _decide(
-        self, method: str, headers: dict[str, str], http: object, request_id: str
+        self,
+        method: str,
+        headers: dict[str, str],
+        http: attribute_context_pb2.AttributeContext.HttpRequest,
+        request_id: str,
     ) -> Principal | None:
         if not routes.is_grpc_method(method):
             # A REST path would skip the allow-list and the reservation: fail closed, loudly.
@@ -186,7 +190,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if routes.is_admin_only(method) and not principal.is_admin:
             raise Forbidden(f"{method} needs the admin role; your role is {principal.role!r}")
         if method in routes.INFERENCE or method in routes.MODEL_SCOPED:
-            body = http.raw_body or http.body.encode()  # type: ignore[attr-defined]
+            # raw_body with pack_as_bytes (what the edge configures); body is a lossy UTF-8 string.
+            body = http.raw_body or http.body.encode()
             demand = demand_of(
                 method,
                 body,
