@@ -25,6 +25,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    DataSource,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     HttpProtocolOptions,
@@ -40,6 +41,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint as EnvoyEndpoint
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
     RetryPolicy,
     Route,
     RouteAction,
@@ -153,13 +155,30 @@ def _sse_route(path: str, settings: EdgeSettings) -> Route:
     )
 
 
+NO_ROUTE_MESSAGE = "not a public RPC of this API"
+
+
+def _no_route() -> Route:
+    """Everything else (internal RPCs, unknown paths): 404 (UNIMPLEMENTED for gRPC clients) from
+    Envoy itself. Without this route the picker, on by default, would be asked about requests
+    that match no route, and they would fail with 503 whenever the scheduler is away."""
+    return Route(
+        name="no-route",
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=404, body=DataSource(inline_string=NO_ROUTE_MESSAGE)),
+        typed_per_filter_config=picker_off(),
+    )
+
+
 def route_configuration(settings: EdgeSettings) -> RouteConfiguration:
-    """One virtual host: streaming REST paths, inference RPCs (picker on), public control RPCs."""
+    """One virtual host: streaming REST paths, inference RPCs (picker on), public control RPCs,
+    then a 404 for everything else."""
     routes = [_sse_route(path, settings) for path in SSE_REST_PATHS]
     routes += inference_routes(settings)
     routes += [
         _control_route(match, cluster) for match, cluster in route_table() if cluster != WORKERS_CLUSTER
     ]
+    routes.append(_no_route())
     return RouteConfiguration(
         name="llmesh",
         virtual_hosts=[VirtualHost(name="llmesh", domains=["*"], routes=routes)],

@@ -60,7 +60,7 @@ from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host.v3 
 from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin.v3 import RoundRobin
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions as UpstreamHttpOptions
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptionsExplicitHttpConfig
-from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as PbAny
 
 from llmesh.edge.filters import typed
@@ -124,8 +124,11 @@ def picker_filter(settings: EdgeSettings) -> HttpFilter:
     Control-plane routes turn it off (`picker_off`)."""
     config = ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER)),
-        # No picker, no routing: fail closed (503) rather than send requests anywhere.
+        # No picker, no routing: fail closed (503) rather than send requests anywhere. Envoy's
+        # default status for a failed ext_proc stream is 500 (INTERNAL, a bug); the picker being
+        # down or unreachable is a dependency down (503, UNAVAILABLE for gRPC clients).
         failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
         processing_mode=picker_processing_mode(),
         message_timeout=_seconds(settings.picker_timeout_s),
         stat_prefix="llmesh_picker",

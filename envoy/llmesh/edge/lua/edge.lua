@@ -22,6 +22,11 @@ local STREAM_PATH = {
   ["/v1/chat/completions"] = "/v1/chat/completions:stream",
   ["/v1/completions"] = "/v1/completions:stream",
 }
+-- The streaming RPCs' own REST paths: a client may POST there directly, and gets SSE as well.
+local SSE_PATH = {}
+for _, target in pairs(STREAM_PATH) do
+  SSE_PATH[target] = true
+end
 
 -- gRPC status code -> name, as the error's `code` (the same names stream errors carry).
 local GRPC_NAME = {
@@ -189,6 +194,11 @@ function envoy_on_request(handle)
   local bare = query_at and sub(path, 1, query_at - 1) or path
   local stream_path = STREAM_PATH[bare]
   if stream_path == nil then
+    if SSE_PATH[bare] then
+      headers = handle:headers()
+      headers:replace("x-llmesh-sse", "1")
+      handle:streamInfo():dynamicMetadata():set("llmesh.edge", "sse", true)
+    end
     return
   end
   local fields = members(body:getBytes(0, body:length()))
@@ -202,14 +212,39 @@ function envoy_on_request(handle)
   end
 end
 
+-- OpenAI's chunks always carry `choices`, empty in the usage chunk; the stream routes print only
+-- set fields, so a chunk without choices would have none (and clients that iterate over
+-- `chunk.choices` would fail): put `"choices":[]` back. Returns nil when no frame needed it.
+local function with_choices(text)
+  local out, changed, i = {}, false, 1
+  while i <= #text do
+    local j = find(text, "\n\n", i, true)
+    local stop = j and j + 1 or #text
+    local frame = sub(text, i, stop)
+    if sub(frame, 1, 7) == "data: {" and find(frame, '"choices":', 1, true) == nil then
+      local rest = sub(frame, 8)
+      frame = 'data: {"choices":[]' .. (byte(rest, 1) == 125 and "" or ",") .. rest
+      changed = true
+    end
+    out[#out + 1] = frame
+    i = stop + 1
+  end
+  return changed and table.concat(out) or nil
+end
+
 -- An SSE stream passes chunk by chunk; the chunk that ends with the worker's sentinel frame gets
 -- OpenAI's `data: [DONE]` in its place.
 local function finish_sse(handle)
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
-    if n >= #DONE_FRAME and chunk:getBytes(n - #DONE_FRAME, #DONE_FRAME) == DONE_FRAME then
-      local head = n > #DONE_FRAME and chunk:getBytes(0, n - #DONE_FRAME) or ""
-      chunk:setBytes(head .. DONE)
+    local text = chunk:getBytes(0, n)
+    local done = n >= #DONE_FRAME and sub(text, n - #DONE_FRAME + 1) == DONE_FRAME
+    if done then
+      text = sub(text, 1, n - #DONE_FRAME)
+    end
+    local fixed = with_choices(text)
+    if done or fixed ~= nil then
+      chunk:setBytes((fixed or text) .. (done and DONE or ""))
     end
   end
 end
