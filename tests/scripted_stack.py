@@ -5,6 +5,8 @@ With `edge=True` a real Envoy stands in front (the token path: picker, EDS, work
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,3 +217,31 @@ def chat(content: str = "Hello", **fields: object) -> pb.CreateChatCompletionReq
         messages=[pb.ChatMessage(role="user", content=struct_pb2.Value(string_value=content))],
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def settled(stack: ScriptedStack, timeout_s: float = 10.0) -> None:
+    """Until every lease is released. The picker releases when Envoy closes its ext_proc stream,
+    which happens just after the client saw the response's end: poll, do not assume."""
+    deadline = time.monotonic() + timeout_s
+    while await stack.active_leases():
+        assert time.monotonic() < deadline, "leases were not released"
+        await asyncio.sleep(0.02)
+
+
+async def access_log_lines(
+    log_path: Path, *request_ids: str, timeout_s: float = 10.0
+) -> dict[str, dict[str, Any]]:
+    """The JSON access-log lines of Envoy (EdgeSettings.access_log_path) for `request_ids`, once
+    every one is written: Envoy logs a request when it ends, just after the client saw the end."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = await asyncio.to_thread(log_path.read_text)
+        except FileNotFoundError:
+            text = ""
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        found = {e["request_id"]: e for e in entries if e.get("request_id") in request_ids}
+        if len(found) == len(set(request_ids)):
+            return found
+        assert time.monotonic() < deadline, f"not in the access log: {set(request_ids) - set(found)}"
+        await asyncio.sleep(0.02)

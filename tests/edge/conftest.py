@@ -1,5 +1,8 @@
-"""Fixtures of the edge tests: the descriptor set, the Envoy binary, stand-in upstreams and an
-Envoy (started by EnvoyProcess on free ports) in front of them."""
+"""Fixtures of the edge tests: the descriptor set, the Envoy binary, stand-ins for the control-plane
+upstreams and an Envoy (started by EnvoyProcess on free ports) in front of them.
+
+Inference goes through the endpoint picker to workers; tests of it use `stack_factory(...,
+edge=True)` (tests/scripted_stack.py): the real registry, scheduler, workers and Envoy."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 
 from llmesh.edge import EnvoyProcess, find_envoy
 from llmesh.edge.descriptor import default_descriptor_path
-from llmesh.edge.settings import GRPC_SERVICE_OF
+from llmesh.edge.settings import SERVICE_NAMES
 from llmesh.edge.validate import EnvoyNotFound
 from tests.edge.edge_http import closed_port, edge_settings
 from tests.edge.edge_standins import StandIn, start_standin
@@ -40,11 +43,8 @@ def grpcurl_bin() -> str:
 
 @pytest.fixture(scope="session")
 async def standins() -> AsyncIterator[dict[str, StandIn]]:
-    """One stand-in server per upstream service, SERVING."""
-    servers = {
-        name: await start_standin(name, service, gateway=name == "gateway")
-        for name, service in GRPC_SERVICE_OF.items()
-    }
+    """One stand-in server per control-plane upstream, SERVING."""
+    servers = {name: await start_standin(name) for name in SERVICE_NAMES}
     yield servers
     for server in servers.values():
         await server.stop()
@@ -70,9 +70,8 @@ async def edge(
 async def edge_without_upstreams(
     descriptor_path: Path, envoy_bin: Path, tmp_path: Path
 ) -> AsyncIterator[EnvoyProcess]:
-    """Envoy whose upstreams are all down (nothing listens on their ports)."""
-    settings = edge_settings(
-        descriptor_path, {name: f"127.0.0.1:{closed_port()}" for name in GRPC_SERVICE_OF}
-    )
+    """Envoy whose upstreams are all down (nothing listens on their ports): the control-plane
+    services, and so the endpoint picker and the workers' EDS too."""
+    settings = edge_settings(descriptor_path, {name: f"127.0.0.1:{closed_port()}" for name in SERVICE_NAMES})
     async with EnvoyProcess(settings, tmp_path, envoy_bin=envoy_bin) as envoy:
         yield envoy

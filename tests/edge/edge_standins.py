@@ -1,20 +1,21 @@
-"""Small real gRPC servers standing in for the llmesh services behind the edge in tests.
+"""Small real gRPC servers standing in for llmesh's control-plane services behind the edge in tests.
 
-Each serves the stock health service (SERVING for its service name) and answers every method of
-its service: by default with UNIMPLEMENTED and a message naming the stand-in and the exact
-gRPC method it received, so a test sees where Envoy routed a request. Request metadata steers
-the answer:
+Each serves the stock health service (SERVING for its services) and answers every method of its
+services: by default with UNIMPLEMENTED and a message naming the stand-in and the exact gRPC
+method it received, so a test sees where Envoy routed a request. Request metadata steers the
+answer:
 - `x-test-code: NOT_FOUND` (any status name): fail with that status;
-- `x-test-retry-after-ms: 1500`: add that trailing metadata, as the gateway does on RESOURCE_EXHAUSTED.
-The gateway stand-in also implements a few ModelService RPCs for real (a fake model "tiny"), so the
-OpenAI SDK can be exercised through Envoy without the real stack.
+- `x-test-retry-after-ms: 1500`: add that trailing metadata, as services do on RESOURCE_EXHAUSTED.
+The registry stand-in also serves ModelService's catalog reads for real (a fake model "tiny"), and
+reflection, as the real registry does. Inference never reaches a stand-in: the edge sends it to
+workers through the endpoint picker (tests of that run the real stack, tests/scripted_stack.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from llmesh.edge.settings import CATALOG_CLUSTER, GRPC_SERVICE_OF, MODEL_SERVICE
 from llmesh.model.v1 import model_service_pb2 as pb
 
 MODEL = "tiny"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-STREAM_TEXT = ("Hel", "lo", " world")
 
 
 def _metadata(context: aio.ServicerContext) -> dict[str, str]:
@@ -50,7 +51,7 @@ class StandIn:
     """A running stand-in server."""
 
     name: str
-    service: str
+    services: tuple[str, ...]
     server: aio.Server
     port: int
     health: HealthServicer
@@ -65,7 +66,8 @@ class StandIn:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await self.health.set(self.service, status)
+        for service in self.services:
+            await self.health.set(service, status)
         await self.health.set("", status)
 
     async def stop(self) -> None:
@@ -76,17 +78,19 @@ Behavior = Callable[[Any, aio.ServicerContext], Any]
 
 
 class _Handler(grpc.GenericRpcHandler):
-    def __init__(self, standin_name: str, service: str, behaviors: dict[str, grpc.RpcMethodHandler]) -> None:
-        self._name, self._service, self._behaviors = standin_name, service, behaviors
+    def __init__(
+        self, standin_name: str, services: tuple[str, ...], behaviors: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._name, self._services, self._behaviors = standin_name, services, behaviors
         self.calls: list[tuple[str, str]] = []
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if not method.startswith(f"/{self._service}/"):
+        if method.rsplit("/", 1)[0].lstrip("/") not in self._services:
             return None
         request_id = dict(handler_call_details.invocation_metadata or ()).get("x-request-id", "")
         self.calls.append((method, str(request_id)))
-        known = self._behaviors.get(method.rsplit("/", 1)[1])
+        known = self._behaviors.get(method)
         if known is not None:
             return known
 
@@ -104,13 +108,13 @@ def _now() -> int:
 
 
 async def _list_models(request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
-    await _steer(context, "gateway")
+    await _steer(context, "stand-in registry")
     card = pb.ModelCard(id=MODEL, object="model", created=_now(), owned_by="llmesh", max_model_len=2048)
     return pb.ListModelsResponse(object="list", data=[card])
 
 
 async def _get_model(request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.GetModelResponse:
-    await _steer(context, "gateway")
+    await _steer(context, "stand-in registry")
     failure = _check_model(request.model)
     if failure is not None:
         await context.abort(*failure)
@@ -120,100 +124,35 @@ async def _get_model(request: pb.GetModelRequest, context: aio.ServicerContext) 
 def _check_model(model: str) -> tuple[grpc.StatusCode, str] | None:
     if model == MODEL:
         return None
-    if model == "busy":
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "no capacity for model busy; retry later"
     return grpc.StatusCode.NOT_FOUND, f"model {model!r} not found; GET /v1/models lists the models"
 
 
-async def _chat(
-    request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
-) -> pb.CreateChatCompletionResponse:
-    await _steer(context, "gateway")
-    failure = _check_model(request.model)
-    if failure is not None:
-        if failure[0] == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            context.set_trailing_metadata((("retry-after-ms", "2000"),))
-        await context.abort(*failure)
-    text = "".join(STREAM_TEXT)
-    return pb.CreateChatCompletionResponse(
-        id="chatcmpl-standin",
-        object="chat.completion",
-        created=_now(),
-        model=MODEL,
-        choices=[
-            pb.ChatCompletionChoice(
-                index=0,
-                message=pb.ChatCompletionMessage(role="assistant", content=text),
-                finish_reason="stop",
-            )
-        ],
-        usage=pb.Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6),
-    )
-
-
-async def _stream_chat(
-    request: pb.CreateChatCompletionRequest, context: aio.ServicerContext
-) -> AsyncIterator[pb.StreamChatCompletionResponse]:
-    await _steer(context, "gateway")
-    failing = request.model == "fail-mid-stream"
-    failure = None if failing else _check_model(request.model)
-    if failure is not None:
-        await context.abort(*failure)
-
-    def chunk(**kwargs: Any) -> pb.StreamChatCompletionResponse:
-        return pb.StreamChatCompletionResponse(
-            id="chatcmpl-standin",
-            object="chat.completion.chunk",
-            created=_now(),
-            model=request.model,
-            **kwargs,
-        )
-
-    for i, piece in enumerate(STREAM_TEXT):
-        delta = pb.ChatCompletionDelta(content=piece, role="assistant" if i == 0 else None)
-        yield chunk(choices=[pb.ChatCompletionChunkChoice(index=0, delta=delta)])
-        await asyncio.sleep(0.01)
-        if failing and i == 1:
-            yield chunk(
-                error=pb.StreamError(
-                    message="worker worker-0 failed mid-stream", type="server_error", code="UNAVAILABLE"
-                )
-            )
-            return
-    yield chunk(
-        choices=[pb.ChatCompletionChunkChoice(index=0, delta=pb.ChatCompletionDelta(), finish_reason="stop")]
-    )
-    if request.stream_options.include_usage:
-        yield chunk(usage=pb.Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6))
-
-
-def _gateway_behaviors() -> dict[str, grpc.RpcMethodHandler]:
+def catalog_behaviors() -> dict[str, grpc.RpcMethodHandler]:
+    """ModelService's catalog reads, by gRPC path, as the registry serves them."""
     return {
-        "ListModels": grpc.unary_unary_rpc_method_handler(
+        f"/{MODEL_SERVICE}/ListModels": grpc.unary_unary_rpc_method_handler(
             _list_models,
             request_deserializer=pb.ListModelsRequest.FromString,
             response_serializer=pb.ListModelsResponse.SerializeToString,
         ),
-        "GetModel": grpc.unary_unary_rpc_method_handler(
+        f"/{MODEL_SERVICE}/GetModel": grpc.unary_unary_rpc_method_handler(
             _get_model,
             request_deserializer=pb.GetModelRequest.FromString,
             response_serializer=pb.GetModelResponse.SerializeToString,
         ),
-        "CreateChatCompletion": grpc.unary_unary_rpc_method_handler(
-            _chat,
-            request_deserializer=pb.CreateChatCompletionRequest.FromString,
-            response_serializer=pb.CreateChatCompletionResponse.SerializeToString,
-        ),
-        "StreamChatCompletion": grpc.unary_stream_rpc_method_handler(
-            _stream_chat,
-            request_deserializer=pb.CreateChatCompletionRequest.FromString,
-            response_serializer=pb.StreamChatCompletionResponse.SerializeToString,
-        ),
     }
 
 
-async def start_standin(name: str, service: str, *, gateway: bool = False) -> StandIn:
-    """Start a stand-in for `service` on a free port, SERVING."""
+def services_of(name: str) -> tuple[str, ...]:
+    """The gRPC services the control-plane upstream `name` serves (the registry: ModelService's
+    catalog too)."""
+    return (GRPC_SERVICE_OF[name], MODEL_SERVICE) if name == CATALOG_CLUSTER else (GRPC_SERVICE_OF[name],)
+
+
+async def start_standin(name: str) -> StandIn:
+    """Start a stand-in for the control-plane service `name` on a free port, SERVING."""
+    services = services_of(name)
+    catalog = MODEL_SERVICE in services
     # Like the real servers: accept requests up to the edge's limit (grpcio's default is 4 MiB).
     server = aio.server(
         options=[
@@ -221,19 +160,19 @@ async def start_standin(name: str, service: str, *, gateway: bool = False) -> St
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    handler = _Handler(name, service, _gateway_behaviors() if gateway else {})
+    handler = _Handler(name, services, catalog_behaviors() if catalog else {})
     server.add_generic_rpc_handlers((handler,))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if gateway:
+    if catalog:  # Envoy sends reflection to the registry
         reflection.enable_server_reflection(
-            (service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     standin = StandIn(
-        name=name, service=service, server=server, port=port, health=health, calls=handler.calls
+        name=name, services=services, server=server, port=port, health=health, calls=handler.calls
     )
     await standin.set_serving(True)
     return standin

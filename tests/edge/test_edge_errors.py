@@ -1,5 +1,7 @@
-"""Errors through a real Envoy in front of real gRPC stand-ins: gRPC statuses as HTTP statuses
-with OpenAI-shaped JSON bodies, bad JSON, size limits, upstreams down or NOT_SERVING."""
+"""Errors through a real Envoy in front of real gRPC stand-ins for the control-plane services: gRPC
+statuses as HTTP statuses with OpenAI-shaped JSON bodies, retry hints, bad JSON, size limits,
+upstreams (and so the endpoint picker) down or NOT_SERVING. Errors of the token path itself (no
+capacity, unknown model, failure mid-stream) are tested on the real stack (test_edge_openai.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from llmesh.edge import EnvoyProcess
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc
+from llmesh.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from tests.edge.edge_http import assert_openai_error, calls_of, request
 from tests.edge.edge_standins import StandIn, wait_until
 
@@ -52,11 +55,14 @@ async def test_grpc_status_becomes_http_status_and_openai_error(
 
 async def test_retry_hint_reaches_the_client(edge: EnvoyProcess) -> None:
     response = await request(
-        edge, "POST", "/v1/chat/completions", json_body={"model": "busy", "messages": []}
+        edge,
+        "GET",
+        "/v1/auth/me",
+        headers={"x-test-code": "RESOURCE_EXHAUSTED", "x-test-retry-after-ms": "1500"},
     )
     assert_openai_error(response, 429, "rate_limit_error")
-    assert response.headers["retry-after-ms"] == "2000"
-    assert response.headers["retry-after"] == "2"
+    assert response.headers["retry-after-ms"] == "1500"
+    assert response.headers["retry-after"] == "2"  # seconds, rounded up
 
 
 @pytest.mark.parametrize(
@@ -64,12 +70,11 @@ async def test_retry_hint_reaches_the_client(edge: EnvoyProcess) -> None:
     [
         *[
             (path, body)
-            for path in ("/v1/chat/completions", "/v1/auth/register", "/v1/registry/models")
+            for path in ("/v1/auth/register", "/v1/registry/models")
             for body in (b"{bad json", b'{"model": "tiny"', b"[1, 2]", b'"text"')
         ],
-        ("/v1/chat/completions", b'{"messages": 5}'),
-        ("/v1/chat/completions", b'{"model": "tiny", "stream": true, "messages": 5}'),
-        ("/v1/chat/completions", b'{"model": "tiny", "temperature": "hot"}'),
+        ("/v1/auth/register", b'{"username": {"x": 1}}'),
+        ("/v1/registry/models", b'{"name": {"x": 1}}'),
     ],
 )
 async def test_malformed_json_is_a_400_with_a_json_body(edge: EnvoyProcess, path: str, body: bytes) -> None:
@@ -132,17 +137,19 @@ async def test_body_at_the_limit_is_accepted(edge: EnvoyProcess, standins: dict[
 
 
 async def test_upstream_down_is_a_503_with_a_json_body(edge_without_upstreams: EnvoyProcess) -> None:
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/auth/me")):
-        body = {"model": "tiny", "messages": []} if method == "POST" else None
-        response = await request(edge_without_upstreams, method, path, json_body=body)
+    for path in ("/v1/models", "/v1/auth/me", "/v1/registry/workers", "/v1/scheduler/status"):
+        response = await request(edge_without_upstreams, "GET", path)
         error = assert_openai_error(response, 503, "server_error")
         assert error["code"] == "UNAVAILABLE"
-        assert "no healthy upstream" in error["message"]
-    # Streaming requests too.
-    response = await request(
-        edge_without_upstreams, "POST", "/v1/chat/completions", json_body={"model": "tiny", "stream": True}
-    )
-    assert_openai_error(response, 503, "server_error")
+        assert "no healthy upstream" in error["message"], path
+    # Inference: with the scheduler down there is no endpoint picker, and Envoy fails closed with
+    # a 503 (not a 500: the picker being away is a dependency down, not a bug), streaming too.
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    for body in (chat, {**chat, "stream": True}):
+        response = await request(edge_without_upstreams, "POST", "/v1/chat/completions", json_body=body)
+        error = assert_openai_error(response, 503, "server_error")
+        assert error["code"] == "UNAVAILABLE"
+        assert "service unavailable" in error["message"]
 
 
 async def test_upstream_down_is_unavailable_for_grpc_clients(edge_without_upstreams: EnvoyProcess) -> None:
@@ -150,8 +157,24 @@ async def test_upstream_down_is_unavailable_for_grpc_clients(edge_without_upstre
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ListModels(pb.ListModelsRequest(), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert caught.value.details() == "no healthy upstream"  # not JSON: gRPC clients get gRPC errors
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == "no healthy upstream"  # not JSON: gRPC clients get gRPC errors
+        # Internal RPCs have no route whether or not anything is up: never the picker's 503.
+        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await registry.Heartbeat(registry_service_pb2.HeartbeatRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        request_ = pb.CreateChatCompletionRequest(model="tiny")
+        for call in (
+            stub.CreateChatCompletion(request_, timeout=10),
+            stub.StreamChatCompletion(request_, timeout=10),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                if isinstance(call, grpc.aio.UnaryStreamCall):
+                    await call.read()
+                else:
+                    await call
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_not_serving_upstream_gets_no_traffic(edge: EnvoyProcess, standins: dict[str, StandIn]) -> None:

@@ -35,7 +35,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[RunningServer]:
 async def edge_registry(
     registry: RunningServer, descriptor_path: Path, envoy_bin: Path, tmp_path: Path
 ) -> AsyncIterator[EnvoyProcess]:
-    addresses = {name: f"127.0.0.1:{closed_port()}" for name in ("gateway", "auth", "scheduler")}
+    addresses = {name: f"127.0.0.1:{closed_port()}" for name in ("auth", "scheduler")}
     settings = edge_settings(descriptor_path, {**addresses, "registry": f"127.0.0.1:{registry.port}"})
     async with EnvoyProcess(settings, tmp_path / "envoy", envoy_bin=envoy_bin) as envoy:
 
@@ -70,10 +70,29 @@ async def test_workers_over_rest(edge_registry: EnvoyProcess) -> None:
     assert_openai_error(response, 404, "not_found_error")
 
 
-async def test_contract_rpcs_not_built_yet_are_501(edge_registry: EnvoyProcess) -> None:
+async def test_openai_model_catalog_is_served_by_the_registry(edge_registry: EnvoyProcess) -> None:
+    """ModelService's catalog reads go to the registry (no worker, no gateway needed)."""
+    listed = await request(edge_registry, "GET", "/v1/models")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["object"] == "list"
+    (card,) = listed.json()["data"]
+    assert card["id"] == "tiny-llama" and card["object"] == "model" and card["aliases"] == ["tiny"]
+    response = await request(edge_registry, "GET", "/v1/models/tiny")  # by alias
+    assert response.status_code == 200 and response.json()["id"] == "tiny-llama"
+    error = assert_openai_error(
+        await request(edge_registry, "GET", "/v1/models/nope"), 404, "not_found_error"
+    )
+    assert "nope" in error["message"]
+
+
+async def test_catalog_writes_over_rest(edge_registry: EnvoyProcess) -> None:
     response = await request(edge_registry, "POST", "/v1/registry/models", json_body={"name": "other"})
-    error = assert_openai_error(response, 501, "server_error")
-    assert error["code"] == "UNIMPLEMENTED"
+    assert response.status_code == 200, response.text
+    assert response.json()["model"]["name"] == "other"
+    response = await request(edge_registry, "GET", "/v1/registry/models/other")
+    assert response.status_code == 200 and response.json()["model"]["name"] == "other"
+    listed = (await request(edge_registry, "GET", "/v1/models")).json()
+    assert {card["id"] for card in listed["data"]} == {"tiny-llama", "other"}
 
 
 async def test_native_grpc_reaches_the_registry(edge_registry: EnvoyProcess) -> None:
