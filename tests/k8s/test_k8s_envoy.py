@@ -4,6 +4,7 @@ identities the mesh allows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -140,6 +141,57 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def running_sidecar(envoy_bin: Path, settings: SidecarSettings, tmp_path: Path) -> Iterator[None]:
+    """Envoy with `settings`' sidecar config, until its probe port answers; stopped on exit."""
+    config = tmp_path / f"sidecar-{settings.service}-{settings.mesh.mtls_port}.yaml"
+    config.write_text(to_yaml(sidecar_bootstrap(settings), f"the {settings.service} sidecar (test)"))
+    log_path = config.with_suffix(".log")
+    with log_path.open("wb") as log:
+        envoy = subprocess.Popen(
+            [
+                str(envoy_bin),
+                "-c",
+                str(config),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--base-id",
+                str(settings.admin_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    ready = f"http://127.0.0.1:{settings.probe_port}/healthz/ready"
+                    with urllib.request.urlopen(ready, timeout=1):
+                        break
+                except OSError:
+                    assert envoy.poll() is None, log_path.read_text()
+                    assert time.monotonic() < deadline, "the sidecar did not come up"
+                    time.sleep(0.1)
+            yield
+        finally:
+            envoy.terminate()
+            envoy.wait(10)
+
+
+def _sidecar_settings(
+    service: str, bundle: Path, identity: str | None = None, **extra: object
+) -> SidecarSettings:
+    return SidecarSettings(
+        service,
+        tls_dir=str(bundle / (identity or service)),
+        mtls_port=_free_port(),
+        probe_port=_free_port(),
+        admin_port=_free_port(),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def registry_sidecar(envoy_bin: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
     """A gRPC health server standing in for the registry app, behind the registry's real sidecar
@@ -152,39 +204,11 @@ def registry_sidecar(envoy_bin: Path, tmp_path: Path) -> Iterator[dict[str, obje
     app.start()
     bundle = tmp_path / "tls"
     write_bundle(bundle, ["registry", "edge", "scheduler", "auth"])
-    settings = SidecarSettings(
-        "registry",
-        tls_dir=str(bundle / "registry"),
-        mtls_port=_free_port(),
-        app_port=app_port,
-        probe_port=_free_port(),
-        admin_port=_free_port(),
-    )
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(to_yaml(sidecar_bootstrap(settings), "the registry sidecar (test)"))
-    log = (tmp_path / "envoy.log").open("wb")
-    envoy = subprocess.Popen(
-        [str(envoy_bin), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    settings = _sidecar_settings("registry", bundle, app_port=app_port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{settings.probe_port}/healthz/ready", timeout=1
-                ):
-                    break
-            except OSError:
-                assert envoy.poll() is None, (tmp_path / "envoy.log").read_text()
-                assert time.monotonic() < deadline, "the sidecar did not come up"
-                time.sleep(0.1)
-        yield {"settings": settings, "bundle": bundle, "servicer": servicer}
+        with running_sidecar(envoy_bin, settings, tmp_path):
+            yield {"settings": settings, "bundle": bundle, "servicer": servicer}
     finally:
-        envoy.terminate()
-        envoy.wait(10)
-        log.close()
         app.stop(None)
 
 
@@ -244,3 +268,30 @@ def test_probe_port_serves_the_apps_health_and_nothing_else(registry_sidecar: di
         with pytest.raises(grpc.RpcError) as error:
             other(b"", timeout=3.0)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED  # Envoy's 404: no route
+
+
+@pytest.mark.parametrize(("identity", "admitted"), [("scheduler", True), ("auth", False)])
+def test_an_app_reaches_its_peer_through_both_sidecars_only_with_an_allowed_identity(
+    registry_sidecar: dict[str, object], envoy_bin: Path, tmp_path: Path, identity: str, admitted: bool
+) -> None:
+    """scheduler app -> 127.0.0.1 (its sidecar's egress) -> mTLS -> registry sidecar -> registry app:
+    the path of every call between pods. With another identity's certificate the registry refuses."""
+    registry = registry_sidecar["settings"]
+    bundle = registry_sidecar["bundle"]
+    assert isinstance(registry, SidecarSettings) and isinstance(bundle, Path)
+    egress = _free_port()
+    scheduler = _sidecar_settings(
+        "scheduler",
+        bundle,
+        identity,
+        app_port=_free_port(),
+        peer_addresses={"registry": f"127.0.0.1:{registry.mesh.mtls_port}"},
+        egress_ports={"registry": egress},
+    )
+    with running_sidecar(envoy_bin, scheduler, tmp_path):
+        if admitted:
+            assert _check(egress, None, None) == health_pb2.HealthCheckResponse.SERVING
+        else:
+            with pytest.raises(grpc.RpcError) as error:
+                _check(egress, None, None, timeout=3.0)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE

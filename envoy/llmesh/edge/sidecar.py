@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,12 @@ class SidecarSettings:
     # Token streams may be quiet for long (a unary completion of a long answer); see EdgeSettings.
     stream_idle_timeout_s: float = 900.0
     connect_timeout_s: float = 2.0
-    # Tests run a sidecar on free ports; 0 means the mesh's port (MESH).
+    # Tests run sidecars on free ports and without cluster DNS: 0 / empty means the mesh's own
+    # (MESH's ports; a peer at its headless Service name and mTLS port).
     mtls_port: int = 0
     app_port: int = 0
+    peer_addresses: Mapping[str, str] = field(default_factory=dict)  # peer -> "host:port" to dial
+    egress_ports: Mapping[str, int] = field(default_factory=dict)  # peer -> loopback port for the app
 
     def __post_init__(self) -> None:
         if self.service not in MESH:
@@ -180,7 +184,12 @@ def _file(tls_dir: str, name: str) -> DataSource:
 def common_tls(tls_dir: str, peers: tuple[str, ...]) -> CommonTlsContext:
     """Our certificate, the mesh CA, and the identities a peer may present (TLS 1.3 only, h2)."""
     return CommonTlsContext(
-        tls_params=TlsParameters(tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_3),
+        # Both bounds: Envoy's clients default to a TLS 1.2 maximum, which with a 1.3 minimum
+        # leaves no version at all (NO_SUPPORTED_VERSIONS_ENABLED on every upstream connection).
+        tls_params=TlsParameters(
+            tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
+            tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
+        ),
         tls_certificates=[
             TlsCertificate(
                 certificate_chain=_file(tls_dir, "tls.crt"),
@@ -371,14 +380,14 @@ def sidecar_bootstrap(settings: SidecarSettings) -> Bootstrap:
             [_relay_route(peer, peer, RouteMatch(prefix="/"))],
             stream_idle_timeout_s=settings.stream_idle_timeout_s,
         )
-        listeners.append(
-            _listener(f"egress_{peer}", "127.0.0.1", target.app_port, egress, buffer_limit=limit)
-        )
+        egress_port = settings.egress_ports.get(peer, target.app_port)
+        listeners.append(_listener(f"egress_{peer}", "127.0.0.1", egress_port, egress, buffer_limit=limit))
+        host, _, port = settings.peer_addresses.get(peer, f"{peer}:{target.mtls_port}").rpartition(":")
         clusters.append(
             _cluster(
                 peer,
-                peer,
-                target.mtls_port,
+                host,
+                int(port),
                 connect_timeout_s=settings.connect_timeout_s,
                 buffer_limit=limit,
                 transport=upstream_tls(settings.tls_dir, peer),
