@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc import aio
@@ -13,11 +14,22 @@ from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 
 class ModelCatalog:
-    """Resolves names and aliases to catalog models; caches answers for `ttl_s` seconds."""
+    """Resolves names and aliases to catalog models; caches answers for `ttl_s` seconds.
 
-    def __init__(self, registry: registry_grpc.RegistryServiceStub, ttl_s: float = 5.0) -> None:
+    While the registry is unreachable (restarting, its database down) requests keep flowing: a
+    name seen before resolves to its last known model, and a name the pool's live workers serve
+    under exactly that name resolves to a bare model of that name (`served` tells which).
+    """
+
+    def __init__(
+        self,
+        registry: registry_grpc.RegistryServiceStub,
+        ttl_s: float = 5.0,
+        served: Callable[[str], bool] | None = None,
+    ) -> None:
         self._registry = registry
         self._ttl_s = ttl_s
+        self._served = served
         self._cache: dict[str, tuple[float, registry_pb.Model]] = {}
 
     async def resolve(self, name: str) -> registry_pb.Model:
@@ -33,18 +45,13 @@ class ModelCatalog:
         except aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(error.details() or f"model {name!r} does not exist") from None
+            if hit is not None:
+                return hit[1]
+            if self._served is not None and self._served(name):
+                return registry_pb.Model(name=name)
             raise DependencyDown(
-                f"the registry is unavailable ({error.code().name}); retry shortly"
+                f"the registry is unavailable ({error.code().name}) and model {name!r} was not seen "
+                "before; retry shortly"
             ) from None
         self._cache[name] = (now, response.model)
         return response.model
-
-    async def list(self) -> list[registry_pb.Model]:
-        """Every catalog model that is not retired."""
-        try:
-            response = await self._registry.ListModels(registry_pb.ListModelsRequest(), timeout=5.0)
-        except aio.AioRpcError as error:
-            raise DependencyDown(
-                f"the registry is unavailable ({error.code().name}); retry shortly"
-            ) from None
-        return [m for m in response.models if m.status != registry_pb.MODEL_STATUS_RETIRED]

@@ -166,6 +166,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         exchange.tenant = hdrs.get("x-llmesh-tenant", "")
         try:
             facts = read_request(hdrs.get(":path", ""), body, hdrs.get("grpc-encoding", ""))
+            self._pool.check_synced()
             model = await self._catalog.resolve(facts.model)
             demand = Demand(
                 request_id=exchange.request_id,

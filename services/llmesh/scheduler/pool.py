@@ -14,12 +14,14 @@ Two failures look alike to a caller but mean different things, and get different
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -69,12 +71,17 @@ class WorkerPool:
         eject_s: float = 10.0,
         default_capacity: int = DEFAULT_CAPACITY,
         clock: Callable[[], float] = time.monotonic,
+        traffic: Callable[[str], Mapping[str, int]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._max_queue_depth = max_queue_depth
         self._lease_timeout_s = lease_timeout_s
         self._eject_s = eject_s
         self._default_capacity = default_capacity
         self._clock = clock
+        # The registry's traffic split of a model ({version: weight}, {} for none) and the dice.
+        self._traffic = traffic
+        self._rng = rng or random.Random()
         self._workers: dict[str, PoolWorker] = {}
         self._leases: dict[str, Lease] = {}
         self._lease_by_request: dict[str, str] = {}
@@ -97,6 +104,7 @@ class WorkerPool:
         worker.address = spec.address
         worker.models = spec.models
         worker.capacity = spec.capacity or self._default_capacity
+        worker.model_versions = dict(spec.model_versions)
         worker.cordoned = spec.cordoned
         worker.running_requests = spec.running_requests
         worker.waiting_requests = spec.waiting_requests
@@ -154,10 +162,7 @@ class WorkerPool:
         OverCapacity (with retry_after_s) when the queue is full or the wait ran out. Acquiring
         again with the request id of a live lease returns that lease.
         """
-        if not self.synced:
-            raise DependencyDown(
-                "the scheduler has not received the worker list from the registry yet; retry"
-            )
+        self.check_synced()
         lease = self._leases.get(self._lease_by_request.get(demand.request_id, ""))
         if lease is not None and lease.worker_id not in demand.exclude_workers:
             return lease
@@ -166,6 +171,7 @@ class WorkerPool:
             waiter.callers += 1
             return await self._wait(waiter, timeout_s)
         self._check_served(demand)
+        demand = self._with_version(demand)
         lease = self._try_grant(demand, queued_ms=0)
         if lease is not None:
             return lease
@@ -195,6 +201,28 @@ class WorkerPool:
             self._eject(worker)
         self._dispatch(worker.models if worker else [lease.model])
         return True
+
+    def _with_version(self, demand: Demand) -> Demand:
+        """Under a traffic split (canary, blue/green) the request runs on one version, drawn by
+        the split's weights among the versions that have a live worker; without a split, or with
+        no live worker of any version in it, on any worker of the model."""
+        if demand.version or self._traffic is None:
+            return demand
+        weights = self._traffic(demand.model)
+        if not weights:
+            return demand
+        live = {
+            w.model_versions.get(demand.model, "")
+            for w in self._workers.values()
+            if demand.model in w.models and not w.cordoned
+        }
+        choices = [
+            (version, weight) for version, weight in sorted(weights.items()) if weight > 0 and version in live
+        ]
+        if not choices:
+            return demand
+        version = self._rng.choices([v for v, _ in choices], weights=[w for _, w in choices])[0]
+        return dataclasses.replace(demand, version=version)
 
     def fallbacks(self, lease: Lease, limit: int) -> list[str]:
         """Addresses of other workers that could take the lease's request now, best first: where
@@ -240,6 +268,17 @@ class WorkerPool:
                     waiter.future.set_exception(DependencyDown("the scheduler is shutting down; retry"))
 
     # ---- introspection ----------------------------------------------------------------------
+
+    def check_synced(self) -> None:
+        """DependencyDown until the first full worker list arrived from the registry."""
+        if not self.synced:
+            raise DependencyDown(
+                "the scheduler has not received the worker list from the registry yet; retry"
+            )
+
+    def serves(self, model: str) -> bool:
+        """Whether some live (not cordoned) worker serves `model` under exactly that name."""
+        return any(model in w.models and not w.cordoned for w in self._workers.values())
 
     def workers(self, model: str = "") -> list[PoolWorker]:
         """Workers by id; only those serving `model` when given."""
@@ -299,6 +338,7 @@ class WorkerPool:
             and w.ejected_until <= now
             and w.worker_id not in demand.exclude_workers
             and w.active < w.capacity
+            and (not demand.version or w.model_versions.get(demand.model, "") == demand.version)
         ]
         if not candidates:
             return None

@@ -3,7 +3,8 @@ what an Acquire asks for, and the lease it gets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 # Concurrent leases for a worker that registered without a capacity.
 DEFAULT_CAPACITY = 16
@@ -18,6 +19,8 @@ class WorkerSpec:
     models: frozenset[str]
     capacity: int = 0
     cordoned: bool = False  # cordoned or draining: no new leases
+    # The catalog version of each model the worker serves ({} when it did not say).
+    model_versions: Mapping[str, str] = field(default_factory=dict)
     running_requests: int = 0
     waiting_requests: int = 0
     kv_cache_usage: float = 0.0
@@ -31,6 +34,7 @@ class PoolWorker:
     address: str
     models: frozenset[str]
     capacity: int
+    model_versions: Mapping[str, str] = field(default_factory=dict)
     cordoned: bool = False
     running_requests: int = 0
     waiting_requests: int = 0
@@ -51,6 +55,8 @@ class Demand:
     tenant: str = ""
     priority: int = 0
     exclude_workers: frozenset[str] = frozenset()
+    # Only workers serving this catalog version of the model (a traffic split's choice); "" = any.
+    version: str = ""
 
     @property
     def tokens(self) -> int:

@@ -44,6 +44,7 @@ def spec_from_worker(worker: registry_pb2.Worker) -> WorkerSpec:
         address=worker.address,
         models=frozenset(worker.models),
         capacity=worker.capacity,
+        model_versions=dict(worker.model_versions),
         cordoned=worker.status in _NOT_ROUTABLE,
         running_requests=worker.load.running_requests,
         waiting_requests=worker.load.waiting_requests,

@@ -17,6 +17,7 @@ from grpc import aio
 from llmesh.common.channels import insecure_channel
 from llmesh.common.config import ConfigError, LlmeshConfig
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
+from llmesh.registry.traffic_watch import TrafficWatch
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.endpoints import EndpointDiscovery, WorkerEndpoints
@@ -95,14 +96,18 @@ async def start_scheduler(config: SchedulerServiceConfig) -> RunningServer:
 
 
 async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, RegistryWatch]:
+    traffic = TrafficWatch(config.registry_address)
     pool = WorkerPool(
         max_queue_depth=config.max_queue_depth,
         lease_timeout_s=config.lease_timeout_seconds,
         eject_s=config.eject_seconds,
+        traffic=traffic.weights,
     )
-    servicer = SchedulerServicer(pool, max_queue_wait_s=config.max_queue_wait_seconds)
     registry_channel = insecure_channel(config.registry_address)
-    catalog = ModelCatalog(registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds)
+    catalog = ModelCatalog(
+        registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds, served=pool.serves
+    )
+    servicer = SchedulerServicer(pool, catalog, max_queue_wait_s=config.max_queue_wait_seconds)
     picker = EndpointPicker(pool, catalog, LogUsageSink(), max_queue_wait_s=config.max_queue_wait_seconds)
     endpoints = WorkerEndpoints(pool)
 
@@ -116,6 +121,7 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
     running = await start_server("scheduler", config.listen, add, max_message_bytes=config.max_message_bytes)
     watch = RegistryWatch(config.registry_address, pool)
     watch.start()
+    traffic.start()
     tasks = [
         asyncio.create_task(_serve_when_synced(running, watch), name="scheduler-ready"),
         asyncio.create_task(
@@ -136,6 +142,7 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
 
     running.on_shutdown.append(shutdown)
     running.after_stop.append(watch.stop)
+    running.after_stop.append(traffic.stop)
 
     async def close_registry_channel() -> None:
         await registry_channel.close(None)

@@ -6,11 +6,13 @@ runtime's interceptor answers with UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from grpc import aio
 
 from llmesh.common.errors import InvalidRequest
+from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
@@ -50,8 +52,9 @@ def lease_to_proto(lease: Lease) -> scheduler_pb2.Lease:
 class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
     """Hands out leases from a `WorkerPool` (fed by the registry watch)."""
 
-    def __init__(self, pool: WorkerPool, *, max_queue_wait_s: float) -> None:
+    def __init__(self, pool: WorkerPool, catalog: ModelCatalog, *, max_queue_wait_s: float) -> None:
         self._pool = pool
+        self._catalog = catalog
         self._max_queue_wait_s = max_queue_wait_s
 
     async def Acquire(
@@ -63,6 +66,10 @@ class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
         no live worker serves the model at all.
         """
         demand = demand_from_request(request)
+        self._pool.check_synced()
+        # Names and aliases resolve as they do for the picker ("tiny" is "tiny-llama").
+        model = await self._catalog.resolve(demand.model)
+        demand = dataclasses.replace(demand, model=model.name)
         wait = self._max_queue_wait_s
         remaining = context.time_remaining()
         if remaining is not None:

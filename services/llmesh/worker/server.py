@@ -136,6 +136,8 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
                 engine=info[0].engine if info else config.model.engine,
                 capacity=config.model.max_num_seqs,
                 labels=config.labels,
+                # The catalog version this worker serves: traffic splits route by it.
+                model_versions={m.name: config.model.version for m in info},
             ),
             lambda: convert.load_to_proto(engine.load()),
             config.heartbeat_interval_seconds,
