@@ -1,180 +1,185 @@
 """Smoke tests of the benchmark machinery (not of performance: no timing is asserted).
 
-The load generator runs against real servers with the ScriptedEngine double (the worker alone,
-the full gateway → scheduler → worker path, and a minimal OpenAI-style SSE server); the report and
-plot writers run on those results; `llmesh bench --quick --targets overhead` runs end to end.
+On the scripted stack (tests/scripted_stack.py: real registry, scheduler, auth and a worker whose
+engine is the ScriptedEngine double, a real Envoy in front): llmesh's gRPC load client through Envoy
+and straight to the worker, vLLM's own serving benchmark client (`llmesh.bench.vllm_client`, a child
+process) against REST through Envoy, the report and plot writers on those results, and
+`llmesh bench --quick --targets overhead` end to end.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from llmesh.bench import plots, report
-from llmesh.bench.clients import GatewayStreamClient, OpenAIStreamClient, WorkerStreamClient
-from llmesh.bench.loadgen import run_level, wait_until_serving
-from llmesh.bench.stats import RequestSample, percentile, summarize
-from tests.scripted_stack import MODEL, engine
+from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
+from llmesh.bench.stats import RequestSample, percentile, summarize, summarize_vllm
+from llmesh.bench.vllm_client import VllmLoad, run_vllm_bench, sample_prompts
+from tests.scripted_stack import MODEL, ScriptedStack, engine
 
 OUTPUT_TOKENS = 6
 
 
-@dataclass
-class BenchTargets:
-    worker: str
-    gateway: str
-
-
 @pytest.fixture
-async def scripted_stack(stack_factory) -> BenchTargets:
-    """The shared in-process stack (tests/scripted_stack.py) with one scripted worker."""
-    stack = await stack_factory({"w0": engine()})
-    return BenchTargets(worker=stack.worker_addresses["w0"], gateway=stack.addresses["gateway"])
+async def edge_stack(stack_factory) -> ScriptedStack:
+    pytest.importorskip("llmesh.edge")
+    return await stack_factory({"w0": engine()}, edge=True)
 
 
-def _check_level(samples: list[RequestSample], requests: int) -> dict:
-    assert len(samples) == requests
-    assert all(s.ok for s in samples), [s.error for s in samples]
-    assert all(s.tokens == OUTPUT_TOKENS for s in samples)
-    summary = summarize(samples, max(s.done for s in samples if s.done) - min(s.sent for s in samples))
-    assert summary["completed"] == requests and summary["errors"] == 0
-    assert summary["output_tokens"] == requests * OUTPUT_TOKENS
-    assert len(summary["raw"]["ttft_ms"]) == requests and len(summary["raw"]["tpot_ms"]) == requests
-    return summary
+def _check(level: dict, requests: int, output_tokens: int) -> None:
+    assert level["completed"] == requests and level["failed"] == 0, level["error_examples"]
+    assert level["output_tokens"] == requests * output_tokens
+    assert level["output_tokens_per_s"] > 0 and level["duration_s"] > 0
+    assert len(level["raw"]["ttft_ms"]) == requests and len(level["raw"]["tpot_ms"]) == requests
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+        assert level[metric]["p50"] > 0 and level[metric]["p99"] >= level[metric]["p50"]
 
 
-async def test_load_generator_against_the_worker_and_the_gateway(scripted_stack: BenchTargets) -> None:
-    worker = WorkerStreamClient(scripted_stack.worker, MODEL.name, "hello bench", OUTPUT_TOKENS, timeout_s=10)
-    gateway = GatewayStreamClient(
-        scripted_stack.gateway, MODEL.name, "hello bench", OUTPUT_TOKENS, timeout_s=10
+async def test_grpc_client_through_envoy_and_straight_to_the_worker(edge_stack: ScriptedStack) -> None:
+    envoy = f"127.0.0.1:{edge_stack.envoy.port}"
+    for address in (envoy, edge_stack.worker_addresses["w0"]):
+        client = ModelStreamClient(address, MODEL.name, OUTPUT_TOKENS, streams=2, timeout_s=10)
+        try:
+            assert await wait_until_serving(client, "hello", timeout_s=20) is None
+            run = await run_level(client, [f"prompt {i}" for i in range(5)], 2)
+        finally:
+            await client.aclose()
+        assert len(run.samples) == 5
+        level = summarize(run.samples, run.duration_s)
+        _check(level, 5, OUTPUT_TOKENS)
+        # The scripted double sends one token per chunk: OUTPUT_TOKENS chunks, OUTPUT_TOKENS - 1 gaps.
+        assert all(len(s.chunks) == OUTPUT_TOKENS and len(s.itl_s) == OUTPUT_TOKENS - 1 for s in run.samples)
+
+
+async def test_grpc_errors_are_recorded_not_raised(edge_stack: ScriptedStack) -> None:
+    client = ModelStreamClient(
+        f"127.0.0.1:{edge_stack.envoy.port}", "no-such-model", OUTPUT_TOKENS, timeout_s=10
     )
     try:
-        assert await wait_until_serving(gateway, timeout_s=20) is None
-        for client in (worker, gateway):
-            run = await run_level(client, 1, 3, time_limit_s=30)
-            assert not run.timed_out
-            _check_level(run.samples, 3)
-    finally:
-        await worker.aclose()
-        await gateway.aclose()
-
-
-async def test_errors_are_recorded_not_raised(scripted_stack: BenchTargets) -> None:
-    client = GatewayStreamClient(scripted_stack.gateway, "no-such-model", "hi", OUTPUT_TOKENS, timeout_s=10)
-    try:
-        run = await run_level(client, 2, 2, time_limit_s=10)
+        run = await run_level(client, ["a", "b"], 2)
     finally:
         await client.aclose()
-    assert len(run.samples) == 2 and all(s.error.startswith("NOT_FOUND") for s in run.samples)
-    assert summarize(run.samples, run.wall_s)["errors"] == 2
+    assert len(run.samples) == 2 and all(s.error and not s.ok for s in run.samples)
+    summary = summarize(run.samples, run.duration_s)
+    assert summary["failed"] == 2 and summary["completed"] == 0
 
 
-async def _sse_server() -> tuple[asyncio.Server, int]:
-    """A minimal OpenAI-style streaming endpoint: role chunk, one chunk per token, usage, [DONE]."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length")
-            )
-            body = json.loads(await reader.readexactly(length))
-            events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
-            events += [
-                {"choices": [{"index": 0, "delta": {"content": f" t{i}"}}]} for i in range(body["max_tokens"])
-            ]
-            events.append(
-                {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": body["max_tokens"]}}
-            )
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-            )
-            for event in [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]:
-                data = event.encode()
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await writer.drain()
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
-@pytest.mark.parametrize("backend", ["aiohttp", "httpx"])
-async def test_openai_sse_client_counts_tokens_and_timestamps(backend: str) -> None:
-    if backend == "aiohttp":
-        pytest.importorskip("aiohttp")
-    server, port = await _sse_server()
-    client = OpenAIStreamClient(
-        f"http://127.0.0.1:{port}", "m", "hello", OUTPUT_TOKENS, connections=2, timeout_s=10, backend=backend
+async def test_vllm_client_against_rest_through_envoy(
+    edge_stack: ScriptedStack, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's own client (child process) through Envoy's OpenAI REST route, meters called at its main run."""
+    pytest.importorskip("vllm.benchmarks.serve")
+    load = VllmLoad(
+        base_url=f"http://127.0.0.1:{edge_stack.envoy.port}",
+        model=MODEL.name,
+        tokenizer=tiny_model_dir,
+        concurrency=2,
+        num_prompts=6,
+        input_len=16,
+        output_len=OUTPUT_TOKENS,
+        warmups=1,
     )
-    try:
-        run = await run_level(client, 2, 4, time_limit_s=30)
-    finally:
-        await client.aclose()
-        server.close()
-    summary = _check_level(run.samples, 4)
-    assert all(s.messages == OUTPUT_TOKENS + 1 for s in run.samples)  # the role chunk counts as a message
-    assert summary["tokens_per_message"] == pytest.approx(OUTPUT_TOKENS / (OUTPUT_TOKENS + 1))
+    marks: list[str] = []
+    result = await run_vllm_bench(
+        load,
+        tmp_path,
+        "smoke",
+        on_main_run=lambda pid: marks.append("main"),
+        on_result=lambda pid: marks.append("result"),
+        timeout_s=240,
+    )
+    assert marks == ["main", "result"]
+    level = summarize_vllm(result)
+    _check(level, 6, OUTPUT_TOKENS)
+    assert level["client"] == "vllm.benchmarks.serve"
+    # Our gRPC target sends vLLM's very prompts.
+    prompts = sample_prompts(load)
+    assert len(prompts) == 6 and all(isinstance(p, str) and p for p in prompts)
 
 
-def _level(concurrency: int, tokens_per_s: float) -> dict:
-    samples = [
-        RequestSample(
-            sent=0.0, first=0.01 * (i + 1), last=0.05 + 0.01 * i, done=0.06 + 0.01 * i, tokens=8, messages=8
-        )
-        for i in range(10)
-    ]
-    level = {"concurrency": concurrency, "timed_out": False, **summarize(samples, 8 * 10 / tokens_per_s)}
+def _level(concurrency: int, tokens_per_s: float, frontend: dict[str, float]) -> dict:
+    samples = []
+    for i in range(10):
+        sample = RequestSample(sent=0.0, chunks=[0.01 * (i + 1) + 0.005 * k for k in range(8)], tokens=8)
+        samples.append(sample)
+    level = {"concurrency": concurrency, **summarize(samples, 8 * 10 / tokens_per_s)}
     level["processes"] = {
-        "gateway": {"cpu_cores": 0.2, "rss_mib": 70.0},
-        "frontend": {"cpu_cores": 0.3, "rss_mib": 600.0},
+        name: {
+            "cpu_cores": cores,
+            "tree_cpu_cores": cores + (1.5 if name in ("worker", "vllm_api_server") else 0.0),
+            "cpu_us_per_token": cores * 1e6 / tokens_per_s,
+            "rss_mib": 100.0,
+        }
+        for name, cores in frontend.items()
     }
     return level
 
 
-def test_report_and_plots_are_written(tmp_path: Path) -> None:
+def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    llmesh = {"worker": 0.3, "envoy": 0.1, "scheduler": 0.03, "registry": 0.01, "auth": 0.01}
     results = {
         "meta": {"started": "now", "command": "llmesh bench --quick", "machine": {"summary": "test"}},
         "targets": {
-            "baseline": {"status": "ok", "frontend": "frontend", "levels": [_level(1, 100), _level(4, 300)]},
-            "grpc": {"status": "ok", "frontend": "gateway", "levels": [_level(1, 110), _level(4, 290)]},
-            "rest": {"status": "skipped: edge not available", "levels": []},
+            "baseline": {
+                "status": "ok",
+                "frontend": ["vllm_api_server"],
+                "levels": [
+                    _level(1, 100, {"vllm_api_server": 0.2}),
+                    _level(4, 300, {"vllm_api_server": 0.3}),
+                ],
+            },
+            "rest": {
+                "status": "ok",
+                "frontend": list(llmesh),
+                "levels": [_level(1, 110, llmesh), _level(4, 291, llmesh)],
+            },
+            "grpc": {"status": "failed: boom", "levels": []},
         },
-        "memory": {
-            "concurrency": 4,
-            "requests_per_round": 10,
-            "rss_before_mib": 70.0,
-            "rss_mib": [70.0, 70.5],
-            "growth_mib": 0.5,
-            "tolerance_mib": 4.0,
-            "flat": True,
+        "overhead": {
+            "status": "ok",
+            "tokens_per_second_per_stream": 200.0,
+            "output_tokens": 8,
+            "requests": 10,
+            "block": 5,
+            "direct": {"ttft_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0}},
+            "via": {"ttft_ms": {"p50": 5.5, "p90": 7.0, "p99": 9.0}},
+            "added_ttft_ms": {"p50": 0.5, "p90": 1.0, "p99": 2.0},
+            "cpu_us_per_request_via": {"envoy": 200.0},
         },
     }
     report.write_json(results, tmp_path / "results.json")
     assert (
-        json.loads((tmp_path / "results.json").read_text())["targets"]["grpc"]["levels"][0]["concurrency"]
-        == 1
+        json.loads((tmp_path / "results.json").read_text())["targets"]["rest"]["levels"][1]["concurrency"]
+        == 4
     )
     text = report.markdown(results)
-    assert "| llmesh full path (gRPC) | 4 |" in text and "0.97x" in text
-    assert "skipped: edge not available" in text and "flat" in text
+    assert "| llmesh REST via Envoy | 4 | 10 | 291 | 0.97x |" in text
+    assert "llmesh gRPC via Envoy: failed: boom" in text
+    assert (
+        "| picker's added TTFT at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, p99 +2.00 ms | met |"
+        in text
+    )
+    assert "| llmesh REST via Envoy: zero failed requests | 0 | met |" in text
     made = plots.write_plots(results, tmp_path)
-    assert {p.name for p in made} == {"throughput.png", "ttft.png"}
+    assert {p.name for p in made} == {"throughput.png", "latency.png", "cpu.png"}
     assert all(p.stat().st_size > 1000 for p in made)
+    published = plots.publish(results, tmp_path, tmp_path / "plots")
+    snippet = (tmp_path / "plots" / "README-snippet.md").read_text()
+    assert (
+        "![Throughput](bench/plots/throughput.png)" in snippet and "| llmesh REST via Envoy | 4 |" in snippet
+    )
+    assert len(published) == 4
 
 
 def test_quick_overhead_run_end_to_end(tmp_path: Path) -> None:
-    """`llmesh bench --quick --targets overhead`: real processes, the scripted double, every output file."""
+    """`llmesh bench --quick --targets overhead`: real processes, Envoy, the scripted double, every output."""
+    pytest.importorskip("llmesh.edge")
     out = tmp_path / "out"
     done = subprocess.run(
         [
@@ -195,7 +200,7 @@ def test_quick_overhead_run_end_to_end(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["overhead"]["status"] == "ok", results["overhead"]
-    assert results["overhead"]["ceiling"]["gateway"]["completed"] > 0
+    overhead = results["overhead"]
+    assert overhead["status"] == "ok", overhead
+    assert overhead["direct"]["completed"] == overhead["via"]["completed"] == overhead["requests"]
     assert (out / "report.md").read_text() in done.stdout
-    assert (out / "overhead_ttft.png").exists()

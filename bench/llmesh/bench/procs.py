@@ -1,7 +1,8 @@
 """Child processes the bench starts itself, and CPU/RSS meters over any process (psutil).
 
-`llmesh serve` children go through `llmesh.cli.stack.Stack`; the vLLM baseline server and the
-scripted worker are started here, each in its own session so a stop reaches their engine children.
+`llmesh serve` children go through `llmesh.cli.stack.Stack` (`llmesh up`'s supervisor); the vLLM
+baseline server and the scripted worker are started here, each in its own session so a stop reaches
+their engine children.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class CpuSnapshot:
     cpu_s: float
     tree_cpu_s: dict[int, float]
     rss_bytes: int
+    tree_rss_bytes: int
 
 
 def _cpu_s(process: psutil.Process) -> float:
@@ -116,12 +118,19 @@ def _cpu_s(process: psutil.Process) -> float:
 class ProcessMeter:
     """Measures named processes: CPU used between two snapshots (in cores) and RSS.
 
-    A process's own CPU is what a frontend costs (the gateway, vLLM's API server); `tree` adds its
-    descendants that lived through the interval (vLLM's engine core under the worker).
+    A process's own CPU is what a frontend costs (vLLM's API server, the llmesh worker's gRPC
+    server, Envoy, the picker); `tree` adds its descendants that lived through the interval (vLLM's
+    engine core under the API server or the worker).
     """
 
     def __init__(self, pids: Mapping[str, int]) -> None:
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def add(self, name: str, pid: int) -> None:
+        self._procs[name] = psutil.Process(pid)
+
+    def without(self, name: str) -> ProcessMeter:
+        return ProcessMeter({n: p.pid for n, p in self._procs.items() if n != name})
 
     @property
     def names(self) -> list[str]:
@@ -132,11 +141,13 @@ class ProcessMeter:
         now = time.perf_counter()
         for name, proc in self._procs.items():
             try:
-                tree = {}
+                tree, tree_rss = {}, 0
                 for child in proc.children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         tree[child.pid] = _cpu_s(child)
-                out[name] = CpuSnapshot(now, _cpu_s(proc), tree, int(proc.memory_info().rss))
+                        tree_rss += int(child.memory_info().rss)
+                rss = int(proc.memory_info().rss)
+                out[name] = CpuSnapshot(now, _cpu_s(proc), tree, rss, rss + tree_rss)
             except psutil.Error:
                 continue
         return out
@@ -160,8 +171,10 @@ class ProcessMeter:
             )
             out[name] = {
                 "cpu_s": own,
+                "tree_cpu_s": own + children,
                 "cpu_cores": own / wall,
                 "tree_cpu_cores": (own + children) / wall,
                 "rss_mib": end.rss_bytes / MiB,
+                "tree_rss_mib": end.tree_rss_bytes / MiB,
             }
         return out

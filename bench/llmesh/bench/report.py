@@ -1,4 +1,4 @@
-"""Results as JSON (every raw number) and as a Markdown report with ratios against the baseline."""
+"""Results as JSON (every raw number) and as a Markdown report with ratios against `vllm serve`."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ from pathlib import Path
 from typing import Any
 
 TARGET_LABELS = {
-    "baseline": "vllm serve (baseline)",
-    "worker": "llmesh worker alone (gRPC)",
-    "grpc": "llmesh full path (gRPC)",
-    "rest": "llmesh full path (REST via Envoy)",
+    "baseline": "vllm serve",
+    "rest": "llmesh REST via Envoy",
+    "grpc": "llmesh gRPC via Envoy",
 }
-FRONTEND_LABELS = {"frontend": "vLLM API server", "worker": "worker", "gateway": "gateway"}
-# Targets of issue 4 (this 2-core machine).
+PROCESS_LABELS = {
+    "vllm_api_server": "vLLM API server",
+    "worker": "worker",
+    "envoy": "Envoy",
+    "scheduler": "scheduler",
+    "registry": "registry",
+    "auth": "auth",
+}
+# Targets of issue 7.
 ADDED_TTFT_P50_MS = 1.0
 ADDED_TTFT_P99_MS = 3.0
-REST_TOLERANCE = 0.10
+TPOT_TOLERANCE = 0.10
 THROUGHPUT_LEVELS = (16, 64)
 
 
@@ -43,10 +49,10 @@ def _f(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _signed(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:+,.{digits}f}"
+def _ratio(mine: Any, base: Any) -> float | None:
+    if mine is None or base is None or not base or not math.isfinite(mine) or not math.isfinite(base):
+        return None
+    return float(mine) / float(base)
 
 
 def level_at(target: dict[str, Any] | None, concurrency: int) -> dict[str, Any] | None:
@@ -56,155 +62,206 @@ def level_at(target: dict[str, Any] | None, concurrency: int) -> dict[str, Any] 
     return None
 
 
-def _throughput_table(results: dict[str, Any]) -> list[str]:
+def ok_targets(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     targets = results.get("targets", {})
-    baseline = targets.get("baseline")
-    worker = targets.get("worker")
+    return [(n, targets[n]) for n in TARGET_LABELS if n in targets and targets[n].get("levels")]
+
+
+def frontend_cpu(level: dict[str, Any], frontend: list[str]) -> tuple[float, float]:
+    """(cores, µs per output token) of the target's frontend processes together (engine core excluded)."""
+    procs = level.get("processes", {})
+    cores = sum(procs.get(n, {}).get("cpu_cores", 0.0) for n in frontend)
+    per_token = sum(procs.get(n, {}).get("cpu_us_per_token", 0.0) for n in frontend)
+    return (cores, per_token) if procs else (math.nan, math.nan)
+
+
+def engine_core_cpu(level: dict[str, Any], owner: str) -> float:
+    proc = level.get("processes", {}).get(owner)
+    if not proc:
+        return math.nan
+    return float(proc["tree_cpu_cores"] - proc["cpu_cores"])
+
+
+def _throughput_table(results: dict[str, Any]) -> list[str]:
+    baseline = results.get("targets", {}).get("baseline")
     rows = [
-        "| target | streams | req/s | output tok/s | tok/s vs vllm | TTFT p50 ms | p90 | p99 "
-        "| TTFT p50 vs vllm | TTFT p50 vs worker | TPOT p50 ms | p99 | frontend | CPU (cores) | RSS MiB | client CPU | errors |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|",
+        "| target | streams | requests | output tok/s | vs vllm | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+        "| TPOT vs vllm | ITL p50 ms | ITL p99 ms | tokens/chunk | failed |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    skipped = []
-    for name, label in TARGET_LABELS.items():
-        target = targets.get(name)
-        if target is None:
-            continue
-        if target.get("status") != "ok":
-            skipped.append(f"- {label}: {target.get('status')}")
-            continue
-        frontend = target.get("frontend", "")
+    for name, target in ok_targets(results):
         for level in target["levels"]:
-            c = level["concurrency"]
-            base, own_worker = level_at(baseline, c), level_at(worker, c)
-            ratio = (
-                level["output_tokens_per_s"] / base["output_tokens_per_s"]
-                if base and base["output_tokens_per_s"]
-                else None
-            )
-            vs_base = level["ttft_ms"]["p50"] - base["ttft_ms"]["p50"] if base else None
-            vs_worker = (
-                level["ttft_ms"]["p50"] - own_worker["ttft_ms"]["p50"]
-                if own_worker and name != "worker"
-                else None
-            )
-            proc = level.get("processes", {}).get(frontend, {})
-            client = level.get("processes", {}).get("client", {})
+            base = level_at(baseline, level["concurrency"])
+            ratio = _ratio(level["output_tokens_per_s"], base and base["output_tokens_per_s"])
+            tpot = _ratio(level["tpot_ms"]["p50"], base and base["tpot_ms"]["p50"])
             rows.append(
-                f"| {label} | {c} | {_f(level['requests_per_s'], 2)} | {_f(level['output_tokens_per_s'], 0)} "
-                f"| {_f(ratio, 2)}{'x' if ratio is not None else ''} | {_f(level['ttft_ms']['p50'])} "
-                f"| {_f(level['ttft_ms']['p90'])} | {_f(level['ttft_ms']['p99'])} | {_signed(vs_base)} "
-                f"| {_signed(vs_worker)} | {_f(level['tpot_ms']['p50'], 2)} | {_f(level['tpot_ms']['p99'], 2)} "
-                f"| {FRONTEND_LABELS.get(frontend, frontend)} | {_f(proc.get('cpu_cores'), 2)} "
-                f"| {_f(proc.get('rss_mib'), 0)} | {_f(client.get('cpu_cores'), 2)} | {level['errors']} |"
+                f"| {TARGET_LABELS[name]} | {level['concurrency']} | {level['completed'] + level['failed']} "
+                f"| {_f(level['output_tokens_per_s'], 0)} | {_f(ratio, 2)}{'x' if ratio else ''} "
+                f"| {_f(level['ttft_ms']['p50'])} | {_f(level['ttft_ms']['p99'])} | {_f(level['tpot_ms']['p50'], 2)} "
+                f"| {'-' if tpot is None else f'{(tpot - 1) * 100:+.0f} %'} | {_f(level['itl_ms']['p50'], 2)} "
+                f"| {_f(level['itl_ms']['p99'], 2)} | {_f(level['tokens_per_chunk'], 2)} | {level['failed']} |"
             )
-    return rows + (["", *skipped] if skipped else [])
+    failed = [
+        f"- {TARGET_LABELS.get(n, n)}: {t.get('status')}"
+        for n, t in results.get("targets", {}).items()
+        if t.get("status") != "ok"
+    ]
+    return rows + (["", *failed] if failed else [])
+
+
+CPU_COLUMNS = ("vllm_api_server", "worker", "envoy", "scheduler", "registry", "auth")
+
+
+def _cpu_table(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| target | streams | frontend cores | frontend µs/token | "
+        + " | ".join(PROCESS_LABELS[c] for c in CPU_COLUMNS)
+        + " | engine core cores | load client cores |",
+        "|---|--:|--:|--:|" + "--:|" * len(CPU_COLUMNS) + "--:|--:|",
+    ]
+    for name, target in ok_targets(results):
+        frontend = target.get("frontend", [])
+        owner = "vllm_api_server" if name == "baseline" else "worker"
+        for level in target["levels"]:
+            procs = level.get("processes", {})
+            cores, per_token = frontend_cpu(level, frontend)
+            cells = []
+            for column in CPU_COLUMNS:
+                proc = procs.get(column)
+                cells.append(
+                    f"{proc['cpu_cores']:.2f} ({proc['cpu_us_per_token']:.0f})"
+                    if proc and column in frontend
+                    else ""
+                )
+            client = procs.get("client", {}).get("cpu_cores")
+            rows.append(
+                f"| {TARGET_LABELS[name]} | {level['concurrency']} | {_f(cores, 2)} | {_f(per_token, 0)} | "
+                + " | ".join(cells)
+                + f" | {_f(engine_core_cpu(level, owner), 2)} | {_f(client, 2)} |"
+            )
+    return rows
 
 
 def _overhead_section(overhead: dict[str, Any]) -> list[str]:
     if overhead.get("status") != "ok":
-        return [f"Overhead micro-benchmark: {overhead.get('status')}"]
-    lines = [
-        f"Engine replaced by the ScriptedEngine test double (benchmark only), "
-        f"{_f(overhead['tokens_per_second_per_stream'], 0)} tokens/s per stream, "
-        f"{overhead['output_tokens']} tokens per request, {overhead['requests']} requests per row.",
+        return [f"Picker overhead: {overhead.get('status')}"]
+    d, v, a = overhead["direct"]["ttft_ms"], overhead["via"]["ttft_ms"], overhead["added_ttft_ms"]
+    cpu = overhead.get("cpu_us_per_request_via", {})
+    return [
+        f"Engine replaced by the ScriptedEngine test double (benchmark only, "
+        f"{_f(overhead['tokens_per_second_per_stream'], 0)} tokens/s, {overhead['output_tokens']} tokens per "
+        f"request); one stream, {overhead['requests']} requests per path, the paths alternating in blocks of "
+        f"{overhead['block']}; the same native gRPC client.",
         "",
-        "| streams | worker TTFT p50 ms | p99 | via gateway p50 ms | p99 | added p50 ms | added p99 ms | gateway CPU (cores) |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in overhead["latency"]:
-        w, g, a = row["worker"]["ttft_ms"], row["gateway"]["ttft_ms"], row["added_ttft_ms"]
-        cpu = row["gateway"]["processes"].get("gateway", {}).get("cpu_cores")
-        lines.append(
-            f"| {row['concurrency']} | {_f(w['p50'], 2)} | {_f(w['p99'], 2)} | {_f(g['p50'], 2)} | {_f(g['p99'], 2)} "
-            f"| {_signed(a['p50'], 2)} | {_signed(a['p99'], 2)} | {_f(cpu, 2)} |"
-        )
-    lease = overhead["lease"]
-    lines += [
-        "",
-        f"Scheduler lease alone (one at a time): Acquire p50 {_f(lease['acquire_ms']['p50'], 2)} ms, "
-        f"p99 {_f(lease['acquire_ms']['p99'], 2)} ms; Release p50 {_f(lease['release_ms']['p50'], 2)} ms, "
-        f"p99 {_f(lease['release_ms']['p99'], 2)} ms.",
-        "",
-    ]
-    ceiling = overhead["ceiling"]
-    lines += [
-        f"Messages/s ceiling: the double as fast as it goes, one token per message, "
-        f"{ceiling['concurrency']} streams x {ceiling['output_tokens']} tokens.",
-        "",
-        "| path | messages/s | relay CPU µs per message | worker CPU µs per message |",
+        "| path | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms |",
         "|---|--:|--:|--:|",
-    ]
-    for name, relay in (("worker", "worker"), ("gateway", "gateway")):
-        level = ceiling.get(name)
-        if level:
-            lines.append(
-                f"| client → {'worker' if name == 'worker' else 'gateway → worker'} | {_f(level['messages_per_s'], 0)} "
-                f"| {_f(level['cpu_us_per_message'], 0)} ({relay}) | {_f(level['worker_cpu_us_per_message'], 0)} |"
-            )
-    lines += [
+        f"| worker directly | {_f(d['p50'], 2)} | {_f(d['p90'], 2)} | {_f(d['p99'], 2)} |",
+        f"| Envoy → picker (ext_proc + lease) → worker | {_f(v['p50'], 2)} | {_f(v['p90'], 2)} | {_f(v['p99'], 2)} |",
+        f"| **added** | **{a['p50']:+.2f}** | {a['p90']:+.2f} | **{a['p99']:+.2f}** |",
         "",
-        f"One gateway core relays at most ~{_f(ceiling.get('gateway_one_core_messages_per_s'), 0)} messages/s "
-        "(1 / gateway CPU per message).",
+        "CPU per request on the Envoy path: "
+        + ", ".join(f"{PROCESS_LABELS.get(k, k)} {_f(us, 0)} µs" for k, us in cpu.items())
+        + ".",
     ]
+
+
+def _soak_section(soak: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{len(soak.get('rounds', []))} rounds of {soak['requests_per_round']} {soak['path']} requests at "
+        f"{soak['concurrency']} streams through Envoy (status: {soak.get('status')}).",
+        "",
+    ]
+    rounds = soak.get("rounds", [])
+    if not rounds:
+        return lines
+    names = list(rounds[0]["rss"])
+    lines += [
+        "| round | ok | failed | Envoy 5xx | upstream 503 | output tok/s | "
+        + " | ".join(f"{PROCESS_LABELS.get(n, n)} RSS MiB" for n in names)
+        + " |",
+        "|--:|--:|--:|--:|--:|--:|" + "--:|" * len(names),
+    ]
+    for r in rounds:
+        lines.append(
+            f"| {r['round']} | {r['completed']} | {r['failed']} | {r['envoy_5xx']} | {r['envoy_503']} "
+            f"| {_f(r['output_tokens_per_s'], 0)} | "
+            + " | ".join(_f(r["rss"].get(n, {}).get("tree_rss_mib"), 1) for n in names)
+            + " |"
+        )
+    memory = soak.get("memory", {})
+    if memory:
+        growth = ", ".join(
+            f"{PROCESS_LABELS.get(n, n)} {m['growth_mib']:+.1f}{'' if m['flat'] else ' (GROWING)'}"
+            for n, m in memory.items()
+        )
+        lines += ["", f"RSS growth first → last round (MiB; worker incl. its engine processes): {growth}."]
+    examples = sorted({e for r in rounds for e in r.get("error_examples", [])})
+    if examples:
+        lines += ["", "Failures seen: " + "; ".join(examples[:5])]
     return lines
 
 
-def _memory_line(memory: dict[str, Any]) -> list[str]:
-    rss = ", ".join(f"{v:.1f}" for v in memory["rss_mib"])
-    return [
-        f"Gateway RSS after each of {len(memory['rss_mib'])} identical rounds "
-        f"({memory['requests_per_round']} requests at {memory['concurrency']} streams): {rss} MiB "
-        f"(before the rounds {memory['rss_before_mib']:.1f} MiB); growth first → last round "
-        f"{memory['growth_mib']:+.1f} MiB (tolerance {memory['tolerance_mib']:.1f}): "
-        f"{'flat' if memory['flat'] else 'GROWING'}."
-    ]
-
-
 def target_checks(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(goal, measured, verdict) for each target of the issue that this run measured."""
+    """(goal, measured, verdict) for each target of issue 7 that this run measured."""
     checks: list[tuple[str, str, str]] = []
-    overhead = results.get("overhead", {})
-    if overhead.get("status") == "ok":
-        for row in overhead["latency"]:
-            a = row["added_ttft_ms"]
-            c = row["concurrency"]
-            checks.append(
-                (
-                    f"added TTFT gateway+scheduler vs worker (scripted, {c} streams) ≤ {ADDED_TTFT_P50_MS:g} ms p50, "
-                    f"≤ {ADDED_TTFT_P99_MS:g} ms p99",
-                    f"p50 {_signed(a['p50'], 2)} ms, p99 {_signed(a['p99'], 2)} ms",
-                    "met" if a["p50"] <= ADDED_TTFT_P50_MS and a["p99"] <= ADDED_TTFT_P99_MS else "MISSED",
-                )
-            )
     targets = results.get("targets", {})
     baseline = targets.get("baseline")
-    for name, tolerance in (("grpc", 0.0), ("rest", REST_TOLERANCE)):
-        target = targets.get(name)
-        if not target or target.get("status") != "ok" or not baseline or baseline.get("status") != "ok":
+    rest = targets.get("rest")
+    for c in THROUGHPUT_LEVELS:
+        mine, base = level_at(rest, c), level_at(baseline, c)
+        if not mine or not base:
             continue
-        for c in THROUGHPUT_LEVELS:
-            mine, base = level_at(target, c), level_at(baseline, c)
-            if not mine or not base or not base["output_tokens_per_s"]:
-                continue
-            ratio = mine["output_tokens_per_s"] / base["output_tokens_per_s"]
-            goal = "≥ vllm serve" if tolerance == 0 else f"within {tolerance:.0%} of vllm serve"
+        ratio = _ratio(mine["output_tokens_per_s"], base["output_tokens_per_s"])
+        if ratio is not None:
             checks.append(
                 (
-                    f"{TARGET_LABELS[name]} output tok/s at {c} streams {goal}",
+                    f"REST via Envoy output tok/s at {c} streams ≥ 1.0x vllm serve",
                     f"{ratio:.2f}x ({_f(mine['output_tokens_per_s'], 0)} vs {_f(base['output_tokens_per_s'], 0)})",
-                    "met" if ratio >= 1.0 - tolerance else f"MISSED by {1.0 - tolerance - ratio:.0%}",
+                    "met" if ratio >= 1.0 else f"MISSED by {1.0 - ratio:.0%}",
                 )
             )
-    memory = results.get("memory")
-    if memory:
+        tpot = _ratio(mine["tpot_ms"]["p50"], base["tpot_ms"]["p50"])
+        if tpot is not None:
+            checks.append(
+                (
+                    f"REST via Envoy TPOT p50 at {c} streams ≤ vllm serve +{TPOT_TOLERANCE:.0%}",
+                    f"{_f(mine['tpot_ms']['p50'], 2)} vs {_f(base['tpot_ms']['p50'], 2)} ms ({(tpot - 1) * 100:+.0f} %)",
+                    "met" if tpot <= 1.0 + TPOT_TOLERANCE else "MISSED",
+                )
+            )
+    for name in ("rest", "grpc"):
+        target = targets.get(name)
+        if target and target.get("levels"):
+            failed = sum(level["failed"] for level in target["levels"])
+            checks.append(
+                (
+                    f"{TARGET_LABELS[name]}: zero failed requests",
+                    str(failed),
+                    "met" if failed == 0 else "MISSED",
+                )
+            )
+    overhead = results.get("overhead", {})
+    if overhead.get("status") == "ok":
+        a = overhead["added_ttft_ms"]
         checks.append(
             (
-                f"gateway memory flat across {len(memory['rss_mib'])} rounds",
-                f"{memory['growth_mib']:+.1f} MiB",
-                "met" if memory["flat"] else "MISSED",
+                f"picker's added TTFT at 1 stream ≤ {ADDED_TTFT_P50_MS:g} ms p50, ≤ {ADDED_TTFT_P99_MS:g} ms p99",
+                f"p50 {a['p50']:+.2f} ms, p99 {a['p99']:+.2f} ms",
+                "met" if a["p50"] <= ADDED_TTFT_P50_MS and a["p99"] <= ADDED_TTFT_P99_MS else "MISSED",
             )
         )
+    soak = results.get("soak")
+    if soak and soak.get("rounds"):
+        rounds = soak["rounds"]
+        n503 = sum(r["envoy_503"] for r in rounds) + sum(
+            1 for r in rounds for e in r.get("error_examples", []) if "503" in e or "Unavailable" in e
+        )
+        failed = sum(r["failed"] for r in rounds)
+        flat = all(m["flat"] for m in soak.get("memory", {}).values())
+        what = f"{len(rounds)} x {soak['requests_per_round']} requests at {soak['concurrency']} streams"
+        checks.append((f"soak {what}: zero 503s", str(n503), "met" if n503 == 0 else "MISSED"))
+        checks.append((f"soak {what}: zero failures", str(failed), "met" if failed == 0 else "MISSED"))
+        checks.append((f"soak {what}: flat RSS of every process", "see above", "met" if flat else "MISSED"))
     return checks
 
 
@@ -220,27 +277,37 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("targets"):
         lines += [
-            f"- engine (every target): {engine.get('served_name')} at {engine.get('model_dir')}, max_model_len "
-            f"{engine.get('max_model_len')}, max_num_seqs {engine.get('max_num_seqs')}, KV cache "
-            f"{engine.get('kv_cache_gb')} GiB, dtype {engine.get('dtype')}, enforce_eager {engine.get('enforce_eager')}",
-            f"- load: prompt ~{load.get('prompt_tokens_measured') or load.get('prompt_tokens')} tokens (chat "
-            f"template included), {load.get('output_tokens')} output tokens with ignore_eos, closed loop, "
+            f"- engine (every target, one at a time): {engine.get('served_name')} at {engine.get('model_dir')}, "
+            f"max_model_len {engine.get('max_model_len')}, max_num_seqs {engine.get('max_num_seqs')}, KV cache "
+            f"{engine.get('kv_cache_gb')} GiB, dtype {engine.get('dtype')}, enforce_eager {engine.get('enforce_eager')}, "
+            f"seed {engine.get('seed')}",
+            f"- load: vLLM's serving benchmark client (`vllm.benchmarks.serve`, openai-chat, random dataset, "
+            f"{load.get('input_len')} input / {load.get('output_len')} output tokens, ignore_eos, seed "
+            f"{load.get('seed')}) for `vllm serve` and REST; llmesh's gRPC client with the same prompts for gRPC; "
             f"requests per level {load.get('requests')}",
             "",
             "## Throughput and latency",
             "",
             *_throughput_table(results),
             "",
-            "TTFT: request sent → first message carrying output. TPOT: (last token - first token) / (tokens - 1). "
-            "CPU: the frontend process alone (engine core excluded), busy cores over the level's wall time; "
-            "RSS after the level; client CPU: the load generator (same machine).",
+            "TTFT: request sent → first chunk carrying a choice. ITL: time between chunks. TPOT: per request, "
+            "(last chunk - first chunk) / (output tokens - 1). All as vLLM's client computes them.",
+            "",
+            "## Frontend CPU per process",
+            "",
+            *_cpu_table(results),
+            "",
+            "Cells: busy cores over the measured run (µs of CPU per streamed output token). Frontend: every "
+            "process but the engine core (vLLM's API server process; or the llmesh worker process, Envoy, scheduler, "
+            "registry, auth). Engine core: the engine processes under the API server or the worker. Load client: "
+            "vLLM's client process, or this process for gRPC; it shares the machine.",
         ]
-    if results.get("memory"):
-        lines += ["", "## Gateway memory", "", *_memory_line(results["memory"])]
     if "overhead" in results:
-        lines += ["", "## Platform overhead (engine taken out)", "", *_overhead_section(results["overhead"])]
+        lines += ["", "## Picker overhead (engine taken out)", "", *_overhead_section(results["overhead"])]
+    if "soak" in results:
+        lines += ["", "## Soak", "", *_soak_section(results["soak"])]
     checks = target_checks(results)
     if checks:
-        lines += ["", "## Targets", "", "| goal | measured | verdict |", "|---|---|---|"]
+        lines += ["", "## Targets (issue 7)", "", "| goal | measured | verdict |", "|---|---|---|"]
         lines += [f"| {goal} | {measured} | {verdict} |" for goal, measured, verdict in checks]
     return "\n".join(lines) + "\n"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ALL_TARGETS = ("baseline", "worker", "grpc", "rest", "overhead")
-ENGINE_TARGETS = ("baseline", "worker", "grpc", "rest")
+# vllm serve, llmesh REST through Envoy, llmesh native gRPC through Envoy, the picker's added TTFT.
+ALL_TARGETS = ("baseline", "rest", "grpc", "overhead")
+ENGINE_TARGETS = ("baseline", "rest", "grpc")
 MODEL_NAME = "tiny-llama"
 
 
@@ -36,44 +37,53 @@ class EngineSettings:
         }
 
 
+def default_num_prompts(concurrency: int) -> int:
+    """32 requests per stream (at least 64, at most 2048): 64 / 512 / 2048 at 1 / 16 / 64 streams,
+    about 15-40 s per level on 2 cores; a full three-target run takes ~10 minutes."""
+    return min(2048, max(64, 32 * concurrency))
+
+
 @dataclass(frozen=True)
 class LoadSettings:
-    """The load of one sweep: concurrency levels, request counts, prompt and output lengths.
-
-    A level with no fixed count sends `per_stream` requests per concurrent stream (at least
-    `min_requests`), so high concurrency still sees several waves, not one ramp up and down.
-    """
+    """The load of one sweep, in vLLM's client's terms (random dataset, seed, ignore_eos)."""
 
     concurrency: tuple[int, ...] = (1, 16, 64)
-    requests_per_level: int | None = None
-    per_stream: int = 8
-    min_requests: int = 64
-    prompt_tokens: int = 64
-    output_tokens: int = 64
-    warmup_requests: int = 16
-    level_timeout_s: float = 300.0
-    request_timeout_s: float = 120.0
-    http_client: str = "auto"  # aiohttp | httpx | auto (aiohttp when installed)
+    num_prompts: tuple[int, ...] | None = None  # one per level; None: default_num_prompts
+    input_len: int = 64
+    output_len: int = 64
+    seed: int = 0
+    warmups_per_stream: int = 1
+    level_timeout_s: float = 900.0
 
-    def requests_for(self, concurrency: int) -> int:
-        if self.requests_per_level is not None:
-            return max(self.requests_per_level, 1)
-        return max(self.min_requests, self.per_stream * concurrency)
+    def prompts_for(self, concurrency: int) -> int:
+        if self.num_prompts is not None:
+            index = self.concurrency.index(concurrency)
+            return self.num_prompts[min(index, len(self.num_prompts) - 1)]
+        return default_num_prompts(concurrency)
+
+    def warmups_for(self, concurrency: int) -> int:
+        return min(64, self.warmups_per_stream * concurrency)
 
 
 @dataclass(frozen=True)
 class OverheadSettings:
-    """The scripted-engine micro-benchmark: fixed-rate latency and the gateway's messages/s ceiling."""
+    """The picker's added time to first token, engine taken out (ScriptedEngine double)."""
 
     tokens_per_second: float = 200.0  # per stream, like a fast GPU decode
-    output_tokens: int = 32
-    concurrency: tuple[int, ...] = (1, 16)
-    requests: int = 200
-    lease_requests: int = 300
-    ceiling_concurrency: int = 32
-    ceiling_output_tokens: int = 256
-    ceiling_requests: int = 128
-    ceiling_timeout_s: float = 120.0
+    output_tokens: int = 8
+    requests: int = 1000  # per path, for a p99 over 10 samples beyond it
+    block: int = 50  # the two paths alternate in blocks of this many requests (drift hits both)
+    warmup: int = 50
+
+
+@dataclass(frozen=True)
+class SoakSettings:
+    """Rounds of requests at a fixed concurrency through Envoy, with RSS of every process after each."""
+
+    rounds: int = 3
+    requests: int = 1000
+    concurrency: int = 64
+    path: str = "rest"  # rest (vLLM's client) or grpc (ours)
 
 
 @dataclass(frozen=True)
@@ -84,9 +94,11 @@ class BenchSettings:
     engine: EngineSettings
     load: LoadSettings
     overhead: OverheadSettings
-    rounds: int
     out_dir: Path
+    soak: SoakSettings | None = None
+    publish_dir: Path | None = None
     quick: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
 
     def wants(self, target: str) -> bool:
         return target in self.targets

@@ -1,4 +1,4 @@
-"""The servers under test: vLLM's own OpenAI server, the llmesh stack on vLLM, and the Envoy edge.
+"""The servers under test: vLLM's own OpenAI server, and a whole llmesh stack as `llmesh up` runs it.
 
 Every vLLM engine here gets the same settings (`EngineSettings`), and only one runs at a time:
 on a 2-core machine two engines would measure each other.
@@ -23,52 +23,8 @@ from llmesh.bench.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-ENGINE_READY_TIMEOUT_S = 300.0
-# Words the benchmark prompt is made of (any text works; this keeps prompts readable in logs).
-_PROMPT_WORDS = (
-    "the worker keeps one engine busy and streams every token back as soon as it is ready a request "
-    "arrives with a prompt a few sampling settings and a deadline the scheduler picks a worker with "
-    "room to spare and the gateway talks to that worker directly"
-).split()
-
-
-def build_prompt(model_dir: Path, prompt_tokens: int) -> tuple[str, int | None]:
-    """A user message whose chat-templated prompt has about `prompt_tokens` tokens.
-
-    Counts with the model's own tokenizer and chat template (transformers); without transformers the
-    prompt has `prompt_tokens` words and the count is unknown (None). The servers report the exact
-    prompt length in `usage`, which the results keep.
-    """
-
-    def text(words: int) -> str:
-        return " ".join(_PROMPT_WORDS[i % len(_PROMPT_WORDS)] for i in range(words))
-
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as error:  # no transformers, or a tokenizer it cannot load
-        log.warning("cannot load the tokenizer (%s); prompt length is approximate", error)
-        return text(max(1, prompt_tokens)), None
-
-    def count(words: int) -> int:
-        ids: Any = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text(words)}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return len(ids)
-
-    low, high = 1, max(1, prompt_tokens)
-    while count(high) < prompt_tokens:
-        high *= 2
-    while low < high:
-        mid = (low + high) // 2
-        if count(mid) < prompt_tokens:
-            low = mid + 1
-        else:
-            high = mid
-    return text(low), count(low)
+# Generous: on a busy 2-core machine vLLM CPU has taken over 5 minutes to start.
+ENGINE_READY_TIMEOUT_S = 900.0
 
 
 class BaselineServer:
@@ -134,12 +90,25 @@ class BaselineServer:
         await asyncio.to_thread(self.child.stop, 60.0)
 
 
-def write_llmesh_config(path: Path, models: list[dict[str, Any]], workers: list[dict[str, Any]]) -> Path:
-    """The YAML every `llmesh serve` child of a bench stack reads."""
+def write_llmesh_config(
+    path: Path, models: list[dict[str, Any]], workers: list[dict[str, Any]], host: str = "127.0.0.1"
+) -> Path:
+    """The YAML every child of a bench stack reads. Ports are free ones, never the defaults, so a bench
+    never collides with a `llmesh up` on the same machine: port 0 (the kernel picks, the stack reads
+    back what was bound) where the edge settings allow it, a port found free now elsewhere."""
     data = {
+        "server": {
+            "host": host,
+            "registry_port": free_port(host),
+            "auth_port": free_port(host),
+            "scheduler_port": free_port(host),
+            "worker_base_port": 0,
+            "envoy_port": 0,
+            "envoy_admin_port": 0,
+        },
         "logging": {"level": "INFO", "json": True},
         "registry": {"heartbeat_interval_seconds": 1, "heartbeat_ttl_seconds": 5},
-        # Generous queue limits: the bench controls its own concurrency; refusals would be errors.
+        # Generous queue limits: the bench sets its own concurrency; a refusal would be a failure.
         "scheduler": {"max_queue_wait_seconds": 120, "max_queue_depth": 4096},
         "models": models,
         "workers": workers,
@@ -149,14 +118,14 @@ def write_llmesh_config(path: Path, models: list[dict[str, Any]], workers: list[
     return path
 
 
-def vllm_model_entry(engine: EngineSettings, max_output_tokens: int) -> dict[str, Any]:
+def vllm_model_entry(engine: EngineSettings) -> dict[str, Any]:
     return {
         "name": engine.served_name,
         "path": str(engine.model_dir),
         "engine": "vllm",
         "dtype": engine.dtype,
         "max_model_len": engine.max_model_len,
-        "max_output_tokens": max(max_output_tokens, 1024),
+        "max_output_tokens": 1024,
         "max_num_seqs": engine.max_num_seqs,
         "kv_cache_space_gb": engine.kv_cache_gb,
         "enforce_eager": engine.enforce_eager,
@@ -164,80 +133,63 @@ def vllm_model_entry(engine: EngineSettings, max_output_tokens: int) -> dict[str
 
 
 @dataclass
-class ServiceStack:
-    """llmesh services as `llmesh serve` children (`llmesh.cli.stack.Stack`), started in dependency order."""
+class LlmeshStack:
+    """A whole llmesh stack as processes, started by `llmesh up`'s own `start_stack`: registry,
+    scheduler (endpoint picker + EDS), auth, the configured workers and Envoy."""
 
     run_dir: Path
     config_path: Path
-    addresses: dict[str, str] = field(default_factory=dict)
-    pids: dict[str, int] = field(default_factory=dict)
+    with_envoy: bool = True
     stack: Any = None
+    endpoints: dict[str, str] = field(default_factory=dict)
 
-    def start(self, kinds: tuple[str, ...] = ("registry", "scheduler", "auth")) -> None:
-        from llmesh.cli.stack import Stack
+    def start(self) -> None:
+        from llmesh.cli import stack as stack_module
+        from llmesh.cli.up import start_stack
+        from llmesh.common.config import load_config
 
-        self.stack = Stack(self.run_dir, self.config_path)
-        for kind in kinds:
-            child = self.stack.start(kind, listen="127.0.0.1:0")
-            self._record(kind, child)
-            self.stack.set_endpoint(kind, self.addresses[kind])
-
-    def start_worker(self, worker_id: str) -> None:
-        child = self.stack.start(
-            "worker", name=worker_id, listen="127.0.0.1:0", extra=("--worker-id", worker_id)
+        # A worker's engine has taken over 5 minutes to start on a busy 2-core machine.
+        stack_module.READY_TIMEOUT_S["worker"] = max(
+            stack_module.READY_TIMEOUT_S.get("worker", 0.0), ENGINE_READY_TIMEOUT_S
         )
-        self._record(worker_id, child)
+        self.stack = stack_module.Stack(self.run_dir, self.config_path)
+        try:
+            pairs = start_stack(self.stack, load_config(self.config_path), with_envoy=self.with_envoy)
+        except BaseException:
+            self.stop()
+            raise
+        for name, address in pairs:
+            if name.startswith("envoy"):
+                name = "envoy"
+            self.endpoints[name.removeprefix("worker ")] = address
 
-    def start_gateway(self) -> None:
-        child = self.stack.start("model", name="gateway", listen="127.0.0.1:0")
-        self._record("gateway", child)
-        self.stack.set_endpoint("gateway", self.addresses["gateway"])
+    @property
+    def envoy(self) -> str:
+        return self.endpoints["envoy"]
 
-    def _record(self, name: str, child: Any) -> None:
-        self.addresses[name] = f"127.0.0.1:{child.port}"
-        self.pids[name] = child.process.pid
+    @property
+    def envoy_admin(self) -> str:
+        return f"127.0.0.1:{self.stack.child('envoy').info['admin_port']}"
 
-    def stop_one(self, name: str) -> None:
-        if self.stack is not None and any(c.name == name for c in self.stack.children):
-            self.stack.stop(name)
+    def pids(self) -> dict[str, int]:
+        """Process ids by service name (workers by their id)."""
+        return {child.name: child.process.pid for child in self.stack.children}
+
+    def kinds(self) -> dict[str, str]:
+        return {child.name: child.kind for child in self.stack.children}
 
     def stop(self) -> None:
         if self.stack is not None:
             self.stack.stop_all()
 
 
-def _descriptor_path() -> Path:
-    """The descriptor set `make gen` wrote, as llmesh.edge finds it (or next to the generated code)."""
-    try:
-        from llmesh.edge.descriptor import default_descriptor_path
-
-        return Path(default_descriptor_path())
-    except ImportError:
-        import llmesh.model.v1 as model_v1
-
-        return Path(model_v1.__file__).resolve().parents[2] / "llmesh_descriptor.pb"
-
-
-async def start_edge(addresses: dict[str, str], run_dir: Path) -> tuple[Any, str]:
-    """Start Envoy in front of `addresses` with llmesh.edge; (EnvoyProcess, "") or (None, why not)."""
-    try:
-        from llmesh.edge.process import EnvoyProcess
-        from llmesh.edge.settings import EdgeSettings
-    except ImportError as error:
-        return None, f"skipped: edge not available ({error})"
-    try:
-        descriptor = _descriptor_path()
-        settings = EdgeSettings(
-            listen_port=0,
-            admin_port=0,
-            gateway=addresses["gateway"],
-            registry=addresses["registry"],
-            auth=addresses.get("auth", addresses["registry"]),
-            scheduler=addresses["scheduler"],
-            descriptor_path=str(descriptor),
-        )
-        envoy = EnvoyProcess(settings, run_dir / "envoy")
-        await envoy.start()
-    except Exception as error:
-        return None, f"skipped: edge failed to start ({type(error).__name__}: {str(error)[:500]})"
-    return envoy, ""
+async def envoy_stats(admin: str, prefixes: tuple[str, ...]) -> dict[str, int]:
+    """Counters of Envoy's admin /stats whose names start with one of `prefixes`."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        text = (await client.get(f"http://{admin}/stats")).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(prefixes) and value.strip().isdigit():
+            out[name] = int(value)
+    return out

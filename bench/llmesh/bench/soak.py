@@ -1,0 +1,142 @@
+"""Soak: rounds of requests at a fixed concurrency through Envoy on a whole llmesh stack (one vLLM
+worker), with every response status and the memory (RSS) of every process after each round.
+
+Each round sends `requests` requests at `concurrency` streams: REST with vLLM's own client (its
+failures are counted from its per-request errors), or native gRPC with ours. Envoy's own counters
+(`http.llmesh_edge.downstream_rq_<class>`, and the 503s it answered itself or passed on from a
+worker, `cluster.llmesh_workers.upstream_rq_503`) are read before and after each round. Memory is
+flat when every process's RSS after the last round is within max(8 MiB, 5 %) of its RSS after the
+first (the first round warms every cache and pool up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
+from llmesh.bench.procs import MiB, ProcessMeter
+from llmesh.bench.run import _load, say
+from llmesh.bench.settings import BenchSettings
+from llmesh.bench.stats import summarize, summarize_vllm
+from llmesh.bench.targets import LlmeshStack, envoy_stats, vllm_model_entry, write_llmesh_config
+from llmesh.bench.vllm_client import run_vllm_bench, sample_prompts
+
+log = logging.getLogger(__name__)
+
+FLAT_TOLERANCE_MIB = 8.0
+FLAT_TOLERANCE_FRACTION = 0.05
+ENVOY_COUNTERS = ("http.llmesh_edge.downstream_rq_", "cluster.llmesh_workers.upstream_rq_")
+
+
+def _rss_mib(meter: ProcessMeter) -> dict[str, dict[str, float]]:
+    return {
+        name: {"rss_mib": snap.rss_bytes / MiB, "tree_rss_mib": snap.tree_rss_bytes / MiB}
+        for name, snap in meter.snapshot().items()
+    }
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v - before.get(k, 0)}
+
+
+def flatness(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per process: RSS after each round (tree RSS for those with engine children), growth first → last."""
+    out: dict[str, dict[str, Any]] = {}
+    if not rounds:
+        return out
+    for name in rounds[0]["rss"]:
+        series = [r["rss"][name]["tree_rss_mib"] for r in rounds if name in r["rss"]]
+        growth = series[-1] - series[0]
+        tolerance = max(FLAT_TOLERANCE_MIB, FLAT_TOLERANCE_FRACTION * series[0])
+        out[name] = {
+            "rss_mib": series,
+            "growth_mib": growth,
+            "tolerance_mib": tolerance,
+            "flat": growth <= tolerance,
+        }
+    return out
+
+
+async def run_soak(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
+    soak = settings.soak
+    assert soak is not None
+    config = write_llmesh_config(
+        run_dir / "llmesh.yaml", [vllm_model_entry(settings.engine)], [{"worker_id": "worker-0"}]
+    )
+    stack = LlmeshStack(run_dir, config)
+    rounds: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "path": soak.path,
+        "concurrency": soak.concurrency,
+        "requests_per_round": soak.requests,
+        "rounds": rounds,
+    }
+    client: ModelStreamClient | None = None
+    try:
+        say(
+            f"soak: starting the llmesh stack; {soak.rounds} rounds of {soak.requests} {soak.path} requests "
+            f"at {soak.concurrency} streams through Envoy"
+        )
+        await asyncio.to_thread(stack.start)
+        pids = stack.pids()
+        meter = ProcessMeter(pids)
+        result["rss_before"] = _rss_mib(meter)
+        load = dataclasses.replace(
+            _load(settings, f"http://{stack.envoy}", soak.concurrency), num_prompts=soak.requests
+        )
+        prompts: list[str] = []
+        if soak.path == "grpc":
+            client = ModelStreamClient(
+                stack.envoy, settings.engine.served_name, load.output_len, streams=soak.concurrency
+            )
+            failure = await wait_until_serving(client, "hello")
+            if failure is not None:
+                raise RuntimeError(f"never served a request: {failure}")
+            prompts = await asyncio.to_thread(sample_prompts, load)
+        for index in range(soak.rounds):
+            before = await envoy_stats(stack.envoy_admin, ENVOY_COUNTERS)
+            if client is not None:
+                run = await run_level(client, prompts, soak.concurrency)
+                level = summarize(run.samples, run.duration_s)
+            else:
+                level = summarize_vllm(
+                    await run_vllm_bench(load, run_dir / "vllm-client", f"soak-round{index + 1}")
+                )
+            await asyncio.sleep(2.0)  # let stream teardown and lease releases finish
+            after = await envoy_stats(stack.envoy_admin, ENVOY_COUNTERS)
+            envoy = _delta(before, after)
+            entry = {
+                "round": index + 1,
+                "completed": level["completed"],
+                "failed": level["failed"],
+                "error_examples": level["error_examples"],
+                "output_tokens_per_s": level["output_tokens_per_s"],
+                "ttft_ms": level["ttft_ms"],
+                "envoy": envoy,
+                "envoy_503": envoy.get("cluster.llmesh_workers.upstream_rq_503", 0),
+                "envoy_5xx": envoy.get("http.llmesh_edge.downstream_rq_5xx", 0),
+                "rss": _rss_mib(meter),
+            }
+            rounds.append(entry)
+            rss = ", ".join(f"{n} {v['tree_rss_mib']:.0f}" for n, v in entry["rss"].items())
+            say(
+                f"soak round {index + 1}/{soak.rounds}: {entry['completed']} ok, {entry['failed']} failed, "
+                f"Envoy 5xx {entry['envoy_5xx']}, upstream 503 {entry['envoy_503']}; "
+                f"{entry['output_tokens_per_s']:.0f} tok/s; RSS MiB: {rss}"
+            )
+        result["memory"] = flatness(rounds)
+        result["status"] = "ok"
+    except Exception as error:
+        log.exception("soak failed")
+        result["status"] = f"failed: {type(error).__name__}: {str(error)[:1500]}"
+    finally:
+        if client is not None:
+            await client.aclose()
+        say("soak: stopping the stack")
+        await asyncio.to_thread(stack.stop)
+
+    return result
