@@ -61,16 +61,17 @@ ROUNDS = (("Generate", 16, 16), ("Generate", 32, 4), ("StreamChatCompletion", 32
 
 # A token is held back when it spent this long in flight (ready in the worker, not yet received)
 # while neither the worker's nor the client's event loop was busy or descheduled. Unloaded, a token
-# takes 2-10 ms from ready to received (16-32 streams, this machine); at a load average of 14 on
-# 2 cores a few percent of tokens still exceed this (threads that are not the event loop, such as
-# grpc-python's poller, are descheduled too), a hold-back of one step or more catches a quarter or
-# more of them.
+# takes 2-10 ms from ready to received (16-32 streams, this machine). At load averages of 15-28 on
+# 2 cores up to ~15 % of tokens still exceed this in a bad round (grpc-python's poller threads are
+# not the event loop and get descheduled too), hence the fraction and the retries; a 30 ms sleep per
+# message in the engine adapter held back 27-41 % of the tokens of every 16-stream round.
 HOLD_S = 0.020
-MAX_HELD_FRACTION = 0.05
-# A stream whose tokens became ready over at least this long must not reach the client in a burst.
+MAX_HELD_FRACTION = 0.10
+# A stream whose tokens became ready over at least this long must not reach the client in a burst
+# (when most of its tokens were held back: a worker starved of CPU also delivers in bursts).
 SPREAD_S = 0.150
 MIN_SPAN_RATIO = 0.5
-ATTEMPTS = 2
+ATTEMPTS = 3
 WATCH_PERIOD_S = 0.002
 WATCH_LATE_S = 0.002
 
@@ -125,6 +126,7 @@ def pacing_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def stop_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the worker shuts its engine down), then kill whatever of its tree is left."""
     import psutil  # vLLM depends on it; this test runs only where vLLM is installed
+
     try:
         family = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -347,7 +349,9 @@ async def pace_round(worker: PacingWorker, rpc: str, streams: int, channels: int
     bursts = [
         (ms(p.ready_span_s), ms(p.client_span_s))
         for p in paced
-        if p.held and p.ready_span_s >= SPREAD_S and p.client_span_s < MIN_SPAN_RATIO * p.ready_span_s
+        if 2 * p.held >= p.tokens
+        and p.ready_span_s >= SPREAD_S
+        and p.client_span_s < MIN_SPAN_RATIO * p.ready_span_s
     ]
     if bursts:
         wrong.append(f"streams ready over time but received in a burst (ready, received): {bursts}")
