@@ -175,8 +175,10 @@ def snippet(results: dict[str, Any], image_prefix: str) -> str:
     baseline = targets.get("baseline")
     lines = [
         f"Measured by `llmesh bench` on {meta.get('started', '?')} ({meta.get('machine', {}).get('summary', '')}); "
-        f"`{meta.get('command', '')}`. Same tiny model and engine settings for every target, engines one at a "
-        "time; OpenAI-API targets measured with vLLM's own serving benchmark client. See bench/README.md.",
+        f"`{meta.get('command', '')}`; requests per level (streams: requests) "
+        f"{meta.get('load', {}).get('requests', '?')}. Same tiny model and engine settings for every target, "
+        "engines one at a time; OpenAI-API targets measured with vLLM's own serving benchmark client. "
+        "See bench/README.md.",
         "",
         "| target | streams | output tok/s | vs vllm serve | TTFT p50 / p99 ms | ITL p50 / p99 ms | frontend CPU µs/token | failed |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
