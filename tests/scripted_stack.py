@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from llmesh.auth.server import AuthServiceConfig, start_auth
-from llmesh.common.config import ModelConfig
+from llmesh.common.config import AuthConfig, ModelConfig
 from llmesh.common.server import RunningServer
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
@@ -47,6 +47,7 @@ class ScriptedStack:
     servers: list[RunningServer] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     envoy: Any = None  # llmesh.edge.EnvoyProcess when started with edge=True
+    admin_key: str = ""  # the bootstrap admin's API key when started with auth=True
     # ModelService through Envoy (edge=True), else straight to the first worker.
     models: pb_grpc.ModelServiceStub | None = None
 
@@ -78,6 +79,7 @@ async def make_stack(
     max_queue_depth: int = 16,
     max_queue_wait: float = 5.0,
     edge: bool = False,
+    auth: bool = False,
 ) -> ScriptedStack:
     """Start registry, scheduler, workers and auth (and Envoy with `edge`); `servers` collects
     them for teardown."""
@@ -92,6 +94,17 @@ async def make_stack(
     )
     servers.append(registry)
     registry_address = f"127.0.0.1:{registry.port}"
+    booted: list[Any] = []
+    auth_server = await start_auth(
+        AuthServiceConfig(
+            listen="127.0.0.1:0",
+            database_url=f"sqlite:///{tmp_path / 'auth.db'}",
+            auth=AuthConfig(enabled=auth, admin_password="admin-password-1"),
+        ),
+        on_bootstrap=booted.append,
+    )
+    servers.append(auth_server)
+    auth_address = f"127.0.0.1:{auth_server.port}"
     scheduler = await start_scheduler(
         SchedulerServiceConfig(
             listen="127.0.0.1:0",
@@ -99,6 +112,7 @@ async def make_stack(
             max_queue_depth=max_queue_depth,
             max_queue_wait_seconds=max_queue_wait,
             eject_seconds=30,
+            auth_address=auth_address if auth else "",
         )
     )
     servers.append(scheduler)
@@ -110,6 +124,7 @@ async def make_stack(
                 model=MODEL,
                 worker_id=worker_id,
                 registry_address=registry_address,
+                scheduler_address=f"127.0.0.1:{scheduler.port}",
                 heartbeat_interval_seconds=1,
             ),
             engine=engine,
@@ -117,10 +132,6 @@ async def make_stack(
         servers.append(worker)
         worker_addresses[worker_id] = f"127.0.0.1:{worker.port}"
     scheduler_address = f"127.0.0.1:{scheduler.port}"
-    auth = await start_auth(
-        AuthServiceConfig(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'auth.db'}")
-    )
-    servers.append(auth)
     sched_channel = grpc.aio.insecure_channel(scheduler_address)
     stack = ScriptedStack(
         scheduler=sched_grpc.SchedulerServiceStub(sched_channel),
@@ -129,14 +140,15 @@ async def make_stack(
         addresses={
             "registry": registry_address,
             "scheduler": scheduler_address,
-            "auth": f"127.0.0.1:{auth.port}",
+            "auth": auth_address,
         },
         servers=servers,
         channels=[sched_channel],
+        admin_key=booted[0].api_key if booted else "",
     )
     await _wait_for_workers(stack.scheduler, len(engines))
     if edge:
-        stack.envoy = await start_stack_edge(stack.addresses, tmp_path / "edge", max_queue_wait)
+        stack.envoy = await start_stack_edge(stack.addresses, tmp_path / "edge", max_queue_wait, auth)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}")
         stack.channels.append(channel)
         stack.models = pb_grpc.ModelServiceStub(channel)
@@ -146,7 +158,9 @@ async def make_stack(
     return stack
 
 
-async def start_stack_edge(addresses: dict[str, str], run_dir: Path, max_queue_wait: float) -> Any:
+async def start_stack_edge(
+    addresses: dict[str, str], run_dir: Path, max_queue_wait: float, auth: bool = False
+) -> Any:
     """A real Envoy in front of the stack (the edge config `llmesh up` uses), on free ports."""
     from llmesh.edge import EnvoyProcess
     from llmesh.edge.descriptor import default_descriptor_path
@@ -162,6 +176,7 @@ async def start_stack_edge(addresses: dict[str, str], run_dir: Path, max_queue_w
         access_log_path=str(run_dir / "access.log"),
         picker_timeout_s=max_queue_wait + 5,
         health_check_interval_s=0.5,
+        auth_enabled=auth,
     )
     await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
     envoy = EnvoyProcess(settings, run_dir)

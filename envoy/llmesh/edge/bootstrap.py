@@ -56,6 +56,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
     RequestIdExtension,
 )
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
@@ -185,9 +186,22 @@ def route_configuration(settings: EdgeSettings) -> RouteConfiguration:
     )
 
 
+def auth_filter(settings: EdgeSettings) -> HttpFilter:
+    """Envoy ext_authz to AuthService, as AuthService's edge contract describes it (fail closed,
+    the whole body as bytes). After the transcoder: Check sees the gRPC path and message for REST
+    and native gRPC alike; before the picker: nothing is leased for a refused request."""
+    from llmesh.auth.edge_contract import FILTER_NAME, ext_authz_filter_config
+
+    config = ext_authz_filter_config("auth", max_request_bytes=settings.max_request_bytes)
+    config.pop("@type")
+    return HttpFilter(name=FILTER_NAME, typed_config=typed(ExtAuthz.from_dict(config)))
+
+
 def http_filters(settings: EdgeSettings) -> list[HttpFilter]:
-    """Lua (stream routing, header hygiene), the transcoder, the endpoint picker, the router."""
-    return [lua_filter(), transcoder_filter(settings), picker_filter(settings), router_filter()]
+    """Lua (stream routing, header hygiene), the transcoder, AuthService's check when auth is on,
+    the endpoint picker, the router."""
+    checks = [auth_filter(settings)] if settings.auth_enabled else []
+    return [lua_filter(), transcoder_filter(settings), *checks, picker_filter(settings), router_filter()]
 
 
 def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:

@@ -126,6 +126,8 @@ class EdgeSettings:
     # failures) before a worker is ejected, and for how long at first.
     worker_eject_after_failures: int = 3
     worker_eject_seconds: float = 10.0
+    # Every public request is checked by AuthService (Envoy ext_authz) when true.
+    auth_enabled: bool = False
     # Envoy's node id and cluster, shown in its admin interface and logs.
     node_id: str = "llmesh-edge"
 
@@ -182,6 +184,7 @@ class EdgeSettings:
             max_request_bytes=server.max_request_bytes,
             descriptor_path=str(descriptor_path),
             picker_timeout_s=cfg.scheduler.max_queue_wait_seconds + 5.0,
+            auth_enabled=cfg.auth.enabled,
             registry=cfg.address_of("registry"),
             auth=cfg.address_of("auth"),
             scheduler=cfg.address_of("scheduler"),

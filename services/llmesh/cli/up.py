@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--public-host", default="", help="address Envoy's public listener binds (default: --host)"
     )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="let any caller in (no API keys or tokens checked at the edge)"
+    )
 
 
 def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config_path: Path | None) -> Path:
@@ -53,6 +56,8 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
     data = data or {}
     data.setdefault("server", {})
     data["server"]["host"] = args.host  # type: ignore[index]
+    data.setdefault("auth", {})
+    data["auth"]["enabled"] = not args.no_auth  # type: ignore[index]
     if args.public_host:
         data["server"]["public_host"] = args.public_host  # type: ignore[index]
     data["models"] = [
@@ -82,6 +87,12 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
         child = stack.start(kind, listen=f"{host}:{port}")
         stack.set_endpoint(kind, f"{host}:{child.port}")
         endpoints.append((kind, f"{host}:{child.port}"))
+        if kind == "auth":
+            bootstrap = child.info.pop("bootstrap", None)
+            if bootstrap:
+                # The first admin's credentials: shown once on this terminal, then gone from disk.
+                child.ready_file.unlink(missing_ok=True)
+                print_bootstrap(bootstrap)  # type: ignore[arg-type]
     # Workers load their engines in parallel (each takes ~30 s on CPU).
     workers = [
         stack.spawn(
@@ -101,6 +112,17 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
         address = start_envoy_child(stack, cfg)
         endpoints.insert(0, ("envoy (public: REST + gRPC)", address))
     return endpoints
+
+
+def print_bootstrap(bootstrap: dict[str, str]) -> None:
+    """The admin account AuthService created on its first start, once, to the terminal only."""
+    print(
+        "\n=== llmesh: admin account created (shown once; store it now) ===\n"
+        f"  username: {bootstrap['username']}\n  password: {bootstrap['password']}\n"
+        f"  API key:  {bootstrap['api_key']}\n"
+        "  export LLMESH_API_KEY=<the API key>   # the README's examples use it\n",
+        flush=True,
+    )
 
 
 def _tool(name: str) -> str:
@@ -140,11 +162,15 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     else:
         envoy = dict(endpoints)["envoy (public: REST + gRPC)"]
         print("\nTry:")
+        key = "" if args.no_auth else ' -H "authorization: Bearer $LLMESH_API_KEY"'
         print(f"  {_tool('grpcurl')} -plaintext {envoy} list")
         print(
-            f"  {_tool('grpcurl')} -plaintext -d '{chat}' {envoy} llmesh.model.v1.ModelService/StreamChatCompletion"
+            f"  {_tool('grpcurl')} -plaintext{key} -d '{chat}' {envoy} "
+            "llmesh.model.v1.ModelService/StreamChatCompletion"
         )
-        print(f"  curl -s http://{envoy}/v1/chat/completions -H 'content-type: application/json' -d '{chat}'")
+        print(
+            f"  curl -s http://{envoy}/v1/chat/completions{key} -H 'content-type: application/json' -d '{chat}'"
+        )
     print("\nCtrl-C stops everything.", flush=True)
     try:
         while not stop.is_set():

@@ -36,7 +36,8 @@ from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.picker_request import INFERENCE_METHODS, read_request
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
-from llmesh.scheduler.usage import UsageReport, UsageSink
+from llmesh.scheduler.usage import UsageReport
+from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class _Exchange:
     trailers: dict[str, str] | None = None
     request_id: str = ""
     tenant: str = ""
+    prompt_estimate: int = 0
     lease: Lease | None = None
 
 
@@ -120,7 +122,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
     """Chooses the worker for each request Envoy holds, and holds its lease while it streams."""
 
     def __init__(
-        self, pool: WorkerPool, catalog: ModelCatalog, usage: UsageSink, *, max_queue_wait_s: float
+        self, pool: WorkerPool, catalog: ModelCatalog, usage: UsageDesk, *, max_queue_wait_s: float
     ) -> None:
         self._pool = pool
         self._catalog = catalog
@@ -185,6 +187,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             log.info("request refused", extra={"error": error.message, "code": status_for(error).name})
             return immediate_error(error)
         exchange.lease = lease
+        exchange.prompt_estimate = facts.prompt_tokens
         destinations = [lease.worker_address, *self._pool.fallbacks(lease, MAX_FALLBACKS)]
         mutation = ext_pb.HeaderMutation(
             set_headers=[
@@ -207,7 +210,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         trailers = exchange.trailers
         served_by = lease.worker_id
         if trailers is None:
-            outcome, prompt, completion = "cancelled", 0, 0
+            outcome, prompt, completion = "cancelled", exchange.prompt_estimate, 0
             release_outcome = scheduler_pb2.OUTCOME_CANCELLED
         else:
             prompt = _int(trailers.get(headers.PROMPT_TOKENS))
@@ -226,20 +229,19 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             # Envoy retried on a fallback: the leased worker failed before its first byte.
             release_outcome = scheduler_pb2.OUTCOME_WORKER_FAILED
         self._pool.release(lease.lease_id, release_outcome)
-        try:
-            self._usage.record(
-                UsageReport(
-                    request_id=exchange.request_id,
-                    model=lease.model,
-                    worker_id=served_by,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    outcome=outcome,
-                    tenant=exchange.tenant,
-                )
-            )
-        except Exception:  # accounting must never break the lease bookkeeping
-            log.exception("usage report failed for %s", exchange.request_id)
+        report = UsageReport(
+            request_id=exchange.request_id,
+            model=lease.model,
+            worker_id=served_by,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            outcome=outcome,
+            tenant=exchange.tenant,
+        )
+        if trailers is None:
+            self._usage.report_untrailed(lease.lease_id, report)
+        else:
+            self._usage.report(report)
 
 
 def _int(value: str | None) -> int:

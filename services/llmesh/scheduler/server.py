@@ -25,7 +25,8 @@ from llmesh.scheduler.picker import EndpointPicker
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.registry_watch import RegistryWatch
 from llmesh.scheduler.servicer import SchedulerServicer
-from llmesh.scheduler.usage import LogUsageSink
+from llmesh.scheduler.usage import AuthUsageSink, LogUsageSink
+from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 
@@ -47,6 +48,8 @@ class SchedulerServiceConfig:
     lease_timeout_seconds: float = 900.0
     eject_seconds: float = 10.0
     catalog_cache_seconds: float = 5.0
+    # AuthService, where usage is recorded; empty: usage is only logged (auth off).
+    auth_address: str = ""
     max_message_bytes: int = 10 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
 
@@ -69,6 +72,7 @@ class SchedulerServiceConfig:
             max_queue_depth=s.max_queue_depth,
             lease_timeout_seconds=s.lease_timeout_seconds,
             eject_seconds=s.eject_seconds,
+            auth_address=cfg.address_of("auth") if cfg.auth.enabled else "",
             max_message_bytes=cfg.server.max_request_bytes,
             shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
         )
@@ -107,8 +111,11 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
     catalog = ModelCatalog(
         registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds, served=pool.serves
     )
-    servicer = SchedulerServicer(pool, catalog, max_queue_wait_s=config.max_queue_wait_seconds)
-    picker = EndpointPicker(pool, catalog, LogUsageSink(), max_queue_wait_s=config.max_queue_wait_seconds)
+    # Usage goes to AuthService's ledger when auth is on (it settles the request's reservation).
+    sink = AuthUsageSink(config.auth_address) if config.auth_address else LogUsageSink()
+    desk = UsageDesk(sink)
+    servicer = SchedulerServicer(pool, catalog, max_queue_wait_s=config.max_queue_wait_seconds, usage=desk)
+    picker = EndpointPicker(pool, catalog, desk, max_queue_wait_s=config.max_queue_wait_seconds)
     endpoints = WorkerEndpoints(pool)
 
     def add(server: aio.Server) -> list[str]:
@@ -146,6 +153,9 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
 
     async def close_registry_channel() -> None:
         await registry_channel.close(None)
+        desk.flush()
+        if isinstance(sink, AuthUsageSink):
+            await sink.close()
 
     running.after_stop.append(close_registry_channel)
     return running, watch

@@ -15,6 +15,7 @@ from llmesh.common.errors import InvalidRequest
 from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
+from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 
@@ -52,8 +53,16 @@ def lease_to_proto(lease: Lease) -> scheduler_pb2.Lease:
 class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
     """Hands out leases from a `WorkerPool` (fed by the registry watch)."""
 
-    def __init__(self, pool: WorkerPool, catalog: ModelCatalog, *, max_queue_wait_s: float) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        catalog: ModelCatalog,
+        *,
+        max_queue_wait_s: float,
+        usage: UsageDesk | None = None,
+    ) -> None:
         self._pool = pool
+        self._usage = usage
         self._catalog = catalog
         self._max_queue_wait_s = max_queue_wait_s
 
@@ -84,6 +93,9 @@ class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
         if not request.lease_id:
             raise InvalidRequest("lease_id is required: the id Acquire returned")
         outcome = request.outcome or scheduler_pb2.OUTCOME_SUCCESS
+        if outcome == scheduler_pb2.OUTCOME_CANCELLED and self._usage is not None:
+            # A worker's count for a stream its client cancelled: the picker never saw trailers.
+            self._usage.worker_usage(request.lease_id, request.prompt_tokens, request.completion_tokens)
         return scheduler_pb2.ReleaseResponse(released=self._pool.release(request.lease_id, outcome))
 
     async def GetSchedulerStatus(

@@ -10,6 +10,7 @@ it can release the lease and account for the request without touching a token.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,6 +31,7 @@ from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.worker import convert
 from llmesh.worker.activity import Activity
 from llmesh.worker.engine import ChoiceDelta, Engine, GenerationChunk, GenerationInput
+from llmesh.worker.lease_reporter import LeaseReporter
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,24 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
     """
 
     def __init__(
-        self, engine: Engine, limits: ModelLimits, activity: Activity, aliases: tuple[str, ...] = ()
+        self,
+        engine: Engine,
+        limits: ModelLimits,
+        activity: Activity,
+        aliases: tuple[str, ...] = (),
+        leases: LeaseReporter | None = None,
     ) -> None:
         self._engine = engine
         self._limits = limits
         self._activity = activity
         self._names = frozenset((limits.name, *aliases))
+        self._leases = leases
+
+    def _report_cancel(self, context: aio.ServicerContext, usage: _Usage) -> None:
+        """The client went away: tell the scheduler what this stream produced (no trailers reach it)."""
+        lease_id = headers.header(context.invocation_metadata(), headers.LEASE_ID)
+        if self._leases is not None and lease_id:
+            self._leases.cancelled(lease_id, usage.prompt, usage.completion)
 
     def _model(self, requested: str, context: aio.ServicerContext) -> str:
         """The served model's name; the picker's resolution of an alias wins over the body."""
@@ -118,6 +132,9 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
             try:
                 async for deltas in self._generate(prepared, usage):
                     acc.add(deltas)
+            except asyncio.CancelledError:
+                self._report_cancel(context, usage)
+                raise
             finally:
                 self._trailers(context, usage)
         return acc, usage
@@ -140,6 +157,9 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
                     raise
                 # HTTP/1.1 clients never see trailers: tell them in the stream, then end with the status.
                 yield chunker.error_chunk(stream_error(error))
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                self._report_cancel(context, usage)
                 raise
             finally:
                 self._trailers(context, usage)

@@ -21,6 +21,7 @@ from llmesh.worker import convert
 from llmesh.worker.activity import Activity
 from llmesh.worker.engine import Engine
 from llmesh.worker.engine_factory import build_engine
+from llmesh.worker.lease_reporter import LeaseReporter
 from llmesh.worker.model_servicer import WorkerModelServicer
 from llmesh.worker.servicer import WorkerServicer
 from llmesh.worker.v1 import worker_service_pb2 as pb
@@ -37,6 +38,7 @@ class WorkerServiceConfig:
     model: ModelConfig
     worker_id: str = "worker-0"
     registry_address: str = ""  # empty: do not register (a worker called directly)
+    scheduler_address: str = ""  # where cancelled streams' usage is reported; empty: nowhere
     advertise_host: str = "127.0.0.1"
     advertise_address: str = ""  # empty: advertise_host:bound port
     heartbeat_interval_seconds: float = 2.0
@@ -58,6 +60,7 @@ class WorkerServiceConfig:
             model=cfg.model(names[0]),
             worker_id=worker.worker_id,
             registry_address=cfg.address_of("registry"),
+            scheduler_address=cfg.address_of("scheduler"),
             advertise_host=cfg.server.host,
             advertise_address=worker.advertise_address,
             heartbeat_interval_seconds=cfg.registry.heartbeat_interval_seconds,
@@ -101,7 +104,8 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
         max_output_tokens=config.model.max_output_tokens or config.model.max_model_len,
         max_model_len=config.model.max_model_len,
     )
-    model_servicer = WorkerModelServicer(engine, limits, activity, config.model.aliases)
+    leases = LeaseReporter(config.scheduler_address) if config.scheduler_address else None
+    model_servicer = WorkerModelServicer(engine, limits, activity, config.model.aliases, leases)
 
     def add(server: aio.Server) -> list[str]:
         pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -122,6 +126,8 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
         raise
     log.info("engine ready", extra={"engine_start_s": round(time.monotonic() - began, 2)})
     running.after_stop.append(engine.shutdown)
+    if leases is not None:
+        running.after_stop.append(leases.close)
     await running.set_serving(True)
 
     if config.registry_address:
