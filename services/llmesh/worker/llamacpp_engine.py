@@ -104,7 +104,7 @@ class LlamaCppEngine:
         self._slots: list[Any] = []
         self._free: asyncio.Queue[Any] = asyncio.Queue()
         self._threads: ThreadPoolExecutor | None = None
-        self._format: ChatFormat | None = None
+        self._format: ChatFormat | None = None  # set by start()
         self._stop_ids: frozenset[int] = frozenset()
         self._info = ModelInfo(settings.served_name, settings.n_ctx, "llamacpp")
         self._tracker = RequestTracker()
@@ -142,8 +142,7 @@ class LlamaCppEngine:
         first = self._slots[0]
         self.metadata = dict(first.metadata)
         self._format = chat_format_for(self.metadata, s.chat_template)
-        extra = self._format.stop_tokens if self._format else ()
-        ids = [self._special_id(first, t) for t in extra]
+        ids = [self._special_id(first, t) for t in self._format.stop_tokens]
         self._stop_ids = frozenset(i for i in ids if i is not None)
         for slot in self._slots:
             self._free.put_nowait(slot)
@@ -154,7 +153,7 @@ class LlamaCppEngine:
             s.served_name,
             self.start_seconds,
             s.n_parallel,
-            self._format.source if self._format else "none",
+            self._format.source,
         )
 
     def models(self) -> list[ModelInfo]:
@@ -190,7 +189,7 @@ class LlamaCppEngine:
         bad = [i for i in ids if not 0 <= i <= top]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary of {model!r} (0..{top})")
-        return bytes(vocab.detokenize(list(ids))).decode("utf-8", errors="replace")
+        return bytes(vocab.detokenize(list(ids), special=True)).decode("utf-8", errors="replace")
 
     async def _encode(self, input: GenerationInput, add_special_tokens: bool = True) -> list[int]:
         return await encode_input(input, self._encode_sync, add_special_tokens)
@@ -216,12 +215,8 @@ class LlamaCppEngine:
 
     def _chat_format(self, input: GenerationInput) -> ChatFormat:
         if input.chat_template:
-            return ChatFormat(input.chat_template, "request")
-        if self._format is None:
-            raise InvalidRequest(
-                f"{self._info.name!r} is a GGUF without a chat template; send a plain prompt, a "
-                "chat_template, or set models[].chat_template"
-            )
+            return chat_format_for({}, input.chat_template)
+        assert self._format is not None
         return self._format
 
     # --- generation -----------------------------------------------------------------------------
@@ -237,13 +232,14 @@ class LlamaCppEngine:
             max_tokens = check_fits(len(prompt_ids), req.sampling, info)
             if req.sampling.max_tokens is None:
                 max_tokens = min(max_tokens, self.settings.max_output_tokens)
+            answer_ends = self._chat_format(req.input).stop_texts if req.input.chat is not None else ()
             with self._tracker.queued():
                 slot = await self._free.get()
-            async for chunk in self._run(slot, req.sampling, prompt_ids, max_tokens):
+            async for chunk in self._run(slot, req.sampling, prompt_ids, max_tokens, answer_ends):
                 yield chunk
 
     async def _run(
-        self, slot: Any, s: Sampling, prompt_ids: list[int], max_tokens: int
+        self, slot: Any, s: Sampling, prompt_ids: list[int], max_tokens: int, answer_ends: tuple[str, ...]
     ) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[_Piece] = asyncio.Queue()
@@ -255,7 +251,7 @@ class LlamaCppEngine:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         job = loop.run_in_executor(
-            self._threads, self._decode, slot, s, prompt_ids, max_tokens, cancel, hand_over
+            self._threads, self._decode, slot, s, prompt_ids, max_tokens, answer_ends, cancel, hand_over
         )
         free = self._free
 
@@ -294,6 +290,7 @@ class LlamaCppEngine:
         s: Sampling,
         prompt_ids: list[int],
         max_tokens: int,
+        answer_ends: tuple[str, ...],
         cancel: threading.Event,
         hand_over: Any,
     ) -> None:
@@ -303,7 +300,9 @@ class LlamaCppEngine:
 
             vocab = llm._model.vocab
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
-            stops = StopMatcher(s.stop, s.include_stop_str_in_output)
+            stops = StopMatcher(s.stop, s.include_stop_str_in_output, hidden=answer_ends)
+            # A transcript answer follows "Assistant:"; its first space is the format's, not the answer's.
+            leading = bool(answer_ends)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stop_ids = self._stop_ids | set(s.stop_token_ids)
             produced: list[int] = []
@@ -321,8 +320,11 @@ class LlamaCppEngine:
                 previous = produced[:-1][-8:]  # context for SentencePiece's leading-space rule
                 raw = llm.detokenize([token], prev_tokens=previous, special=not s.skip_special_tokens)
                 shown, matched = stops.feed(utf8.decode(raw))
+                if leading and shown:
+                    shown = shown.lstrip()
+                    leading = not shown
                 if matched is not None:
-                    hand_over(_Piece(shown, (token,), ("stop", matched)))
+                    hand_over(_Piece(shown, (token,), ("stop", None if matched in answer_ends else matched)))
                     return
                 if len(produced) >= max_tokens:
                     tail = shown + utf8.decode(b"", final=True) + stops.flush()

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 class StopMatcher:
     """Feed text pieces; get back what may be shown, and the stop string once one matches."""
 
-    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
-        self._stops = [s for s in stops if s]
+    def __init__(self, stops: Sequence[str], include_stop: bool = False, hidden: Sequence[str] = ()) -> None:
+        """`hidden` stops (the model's own answer ends) are never shown, whatever `include_stop` says."""
+        self._stops = [s for s in (*stops, *hidden) if s]
         self._include = include_stop
+        self._hidden = frozenset(hidden)
         self._held = ""
 
     def feed(self, piece: str) -> tuple[str, str | None]:
@@ -26,7 +28,8 @@ class StopMatcher:
         found = [(at, stop) for stop in self._stops if (at := text.find(stop)) >= 0]
         if found:
             at, stop = min(found)
-            return text[: at + len(stop) if self._include else at], stop
+            shown = at + len(stop) if self._include and stop not in self._hidden else at
+            return text[:shown], stop
         keep = self._longest_stop_prefix_suffix(text)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], None
