@@ -412,6 +412,8 @@ def kubernetes_edge_settings(**overrides: Any) -> EdgeSettings:
         "scheduler": f"scheduler:{MESH['scheduler'].mtls_port}",
         "descriptor_path": DESCRIPTOR_PATH,
         "node_id": "llmesh-edge",
+        # The cluster's llmesh.yaml turns auth on: every public request is checked at the edge.
+        "auth_enabled": True,
     }
     values.update(overrides)
     return EdgeSettings(**values)
