@@ -12,6 +12,7 @@ DATA_DIR ?= .llmesh
 MODEL ?=
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 STAMP := $(VENV)/.installed-$(ENGINE_EXTRA)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 
 .PHONY: setup run test test-fast gen gen-check lint bench clean help \
 	images k8s-generate k8s-render k8s-validate k8s-secrets deploy
@@ -22,7 +23,9 @@ help:  ## list targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[$(ENGINE_EXTRA),edge,bench,dev]'
+	# llama.cpp (the llamacpp extra) compiles at install unless pip's wheel cache has it; build it
+	# portable: a native build crashes in ggml's AMX path on some CPUs, and CI reuses the wheel.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[$(ENGINE_EXTRA),llamacpp,edge,bench,dev]'
 	# PyPI's torchvision/torchaudio/torchcodec builds do not match the CPU torch and break
 	# `import transformers` ("operator torchvision::nms does not exist").
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
