@@ -110,7 +110,11 @@ async def _prepare_catalog(
             raise ConfigError(f"models file {config.models_file}: {e.message}") from None
         log.info(
             "models file upserted",
-            extra={"path": str(config.models_file), "created": result.created, "updated": result.updated},
+            extra={
+                "path": str(config.models_file),
+                "models_created": result.created,
+                "models_updated": result.updated,
+            },
         )
     # Read the names once, so workers can register from this view even if the database goes down.
     await asyncio.to_thread(catalog.known_names)
