@@ -23,6 +23,7 @@ from grpc import aio
 from llmesh.auth import routes
 from llmesh.auth.admission import Admission
 from llmesh.auth.credentials import Authenticator, credential_from_headers
+from llmesh.auth.metrics import count_denial
 from llmesh.auth.principal import Principal
 from llmesh.auth.request_body import demand_of
 from llmesh.common.errors import (
@@ -163,9 +164,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 "ext_authz denied",
                 extra={"method": method, "error": error.message, "kind": type(error).__name__},
             )
+            count_denial(error)
             return denied(error)
         except Exception:
             log.exception("bug in ext_authz Check for %s; denying", method)
+            count_denial(None)
             return denied(LlmeshError(f"internal error while authorizing {method}; retry or report it"))
         return allowed(principal, request_id, client_llmesh)
 

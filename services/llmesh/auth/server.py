@@ -36,6 +36,7 @@ from llmesh.auth.users import UserStore
 from llmesh.auth.v1 import auth_service_pb2 as pb
 from llmesh.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from llmesh.common.config import AuthConfig, ConfigError, LlmeshConfig
+from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class AuthServiceConfig:
     redis_channel: str = CHANNEL
     # Seconds between sweeps for reservations nobody settled.
     sweep_interval_seconds: float = 30.0
+    # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -252,12 +255,13 @@ async def serve_auth(config: AuthServiceConfig, ready_file: Path | None = None) 
     """Run until SIGTERM/SIGINT; `ready_file` gets {"port": N} once serving (plus `bootstrap`,
     the first admin's credentials, on the start that created it without a terminal to show them)."""
     shown: list[dict[str, str] | None] = []
+    metrics = serve_metrics(config.metrics_listen)
     running = await start_auth(
         config, on_bootstrap=lambda boot: shown.append(show_bootstrap(boot, ready_file))
     )
     bootstrap = next((b for b in shown if b), None)
     if ready_file is not None and bootstrap is not None:
-        write_private_ready_file(ready_file, port=running.port, bootstrap=bootstrap)
+        write_private_ready_file(ready_file, port=running.port, bootstrap=bootstrap, **metrics)
     else:
-        write_ready_file(ready_file, port=running.port)
+        write_ready_file(ready_file, port=running.port, **metrics)
     await serve_until_signal(running, config.shutdown_grace_seconds)

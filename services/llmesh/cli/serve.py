@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from llmesh.common.config import LlmeshConfig, WorkerConfig
@@ -49,12 +50,17 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
         reg = RegistryServiceConfig.from_config(
             cfg, listen=listen, database_url=database_url(cfg, args.data_dir), models_file=args.models_file
         )
+        reg = dataclasses.replace(reg, metrics_listen=cfg.metrics_listen("registry"))
         run(lambda: serve_registry(reg, args.ready_file))
     elif args.service == "scheduler":
         from llmesh.scheduler.server import SchedulerServiceConfig, serve_scheduler
 
         listen = args.listen or f"{host}:{cfg.server.scheduler_port}"
-        run(lambda: serve_scheduler(SchedulerServiceConfig.from_config(cfg, listen=listen), args.ready_file))
+        sched = dataclasses.replace(
+            SchedulerServiceConfig.from_config(cfg, listen=listen),
+            metrics_listen=cfg.metrics_listen("scheduler"),
+        )
+        run(lambda: serve_scheduler(sched, args.ready_file))
     elif args.service == "auth":
         from llmesh.auth.server import AuthServiceConfig, serve_auth
 
@@ -62,11 +68,16 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
         auth = AuthServiceConfig.from_config(
             cfg, listen=listen, database_url=database_url(cfg, args.data_dir)
         )
+        auth = dataclasses.replace(auth, metrics_listen=cfg.metrics_listen("auth"))
         run(lambda: serve_auth(auth, args.ready_file))
     else:
         from llmesh.worker.server import WorkerServiceConfig, serve_worker
 
         index, entry = _worker_entry(cfg, args.worker_id)
         listen = args.listen or f"{host}:{entry.port or cfg.server.worker_base_port + index}"
-        run(lambda: serve_worker(WorkerServiceConfig.from_config(cfg, entry, listen=listen), args.ready_file))
+        worker = dataclasses.replace(
+            WorkerServiceConfig.from_config(cfg, entry, listen=listen),
+            metrics_listen=cfg.metrics_listen("worker", index),
+        )
+        run(lambda: serve_worker(worker, args.ready_file))
     return 0

@@ -75,6 +75,18 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
     return out
 
 
+def metrics_urls(stack: Stack, host: str) -> list[tuple[str, str]]:
+    """(child name, where Prometheus scrapes it): each service's `/metrics` side port, and Envoy's
+    own stats on its admin port."""
+    urls = []
+    for child in stack.children:
+        if child.info.get("metrics_url"):
+            urls.append((child.name, str(child.info["metrics_url"])))
+        elif child.kind == "envoy" and child.info.get("admin_port"):
+            urls.append((child.name, f"http://{host}:{child.info['admin_port']}/stats/prometheus"))
+    return urls
+
+
 def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tuple[str, str]]:
     """Start every service in dependency order; returns (name, address) pairs to print."""
     host, server = cfg.server.host, cfg.server
@@ -153,6 +165,11 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     print(f"\nllmesh is up in {time.monotonic() - began:.0f}s (logs in {stack.run_dir / 'logs'}):")
     for name, address in endpoints:
         print(f"  {name:<28} {address}")
+    urls = metrics_urls(stack, cfg.server.host)
+    if urls:
+        print("\nPrometheus metrics:")
+        for name, url in urls:
+            print(f"  {name:<28} {url}")
     chat = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
     if args.no_envoy:
         # Without the edge, a worker serves ModelService's inference RPCs itself.

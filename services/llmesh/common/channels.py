@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from grpc import aio
 
+from llmesh.common.grpc_metrics import ClientMetricsInterceptor
+
 
 def channel_options() -> list[tuple[str, int]]:
     """Client channel arguments: keepalive so dead peers are noticed, generous message limits."""
@@ -23,5 +25,9 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 def insecure_channel(address: str) -> aio.Channel:
-    """An asyncio client channel with llmesh's keepalive settings."""
-    return aio.insecure_channel(address, options=channel_options())
+    """An asyncio client channel with llmesh's keepalive settings, its unary calls counted."""
+    return aio.insecure_channel(
+        address,
+        options=channel_options(),
+        interceptors=[ClientMetricsInterceptor()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
+    )

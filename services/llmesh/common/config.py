@@ -207,9 +207,22 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class MonitoringConfig:
-    """Prometheus side ports (0 disables)."""
+    """Prometheus `/metrics` side ports, one per process.
 
+    `metrics_base_port` 0 (the default): every process binds a free port and reports it in its
+    ready file (`llmesh up` prints the URLs). N > 0: registry N, scheduler N+1, auth N+2, worker i
+    N+10+i (one pod per process in Kubernetes: each knows its port).
+    """
+
+    metrics_enabled: bool = True
+    # Where the side ports bind; empty: server.host. In Kubernetes the apps listen on loopback
+    # behind their sidecar, so Prometheus needs this on the pod's address (0.0.0.0).
+    metrics_host: str = ""
     metrics_base_port: int = 0
+
+
+# Offsets of each process's metrics port from `monitoring.metrics_base_port`.
+METRICS_PORT_OFFSETS = {"registry": 0, "scheduler": 1, "auth": 2, "worker": 10}
 
 
 @dataclass(frozen=True)
@@ -234,6 +247,17 @@ class LlmeshConfig:
         if explicit:
             return str(explicit)
         return f"{self.server.host}:{getattr(self.server, f'{service}_port')}"
+
+    def metrics_listen(self, service: str, worker_index: int = 0) -> str:
+        """Where `service`'s `/metrics` side port binds ("host:port"); "" when metrics are off."""
+        m = self.monitoring
+        if not m.metrics_enabled:
+            return ""
+        host = m.metrics_host or self.server.host
+        if m.metrics_base_port <= 0:
+            return f"{host}:0"
+        offset = METRICS_PORT_OFFSETS[service] + (worker_index if service == "worker" else 0)
+        return f"{host}:{m.metrics_base_port + offset}"
 
     def model(self, name: str) -> ModelConfig:
         """The configured model called `name` (or one of its aliases)."""

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from llmesh.common.grpc_metrics import ServerMetricsInterceptor
 from llmesh.common.interceptors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ async def start_server(
     `add_servicers` registers the service's servicers and returns their full service names.
     """
     server = aio.server(
-        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        # Metrics outermost: they count the status the error mapping settled on.
+        interceptors=[ServerMetricsInterceptor(), ErrorMappingInterceptor(), *interceptors],
         options=server_options(max_message_bytes),
     )
     service_names = tuple(add_servicers(server))

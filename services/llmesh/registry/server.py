@@ -13,6 +13,7 @@ from grpc import aio
 
 from llmesh.common.config import ConfigError, LlmeshConfig, ModelConfig
 from llmesh.common.errors import InvalidRequest
+from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
 from llmesh.model.v1 import model_service_pb2_grpc as model_grpc
 from llmesh.registry.catalog import Catalog, check_config_models
@@ -46,6 +47,8 @@ class RegistryServiceConfig:
     models_file: Path | None = None
     # Seconds between write-behinds of membership changes.
     persist_interval_seconds: float = 0.5
+    # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -194,6 +197,7 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
 
 async def serve_registry(config: RegistryServiceConfig, ready_file: Path | None = None) -> None:
     """Run the registry until SIGTERM/SIGINT; `ready_file` gets {"port": N} once it serves."""
+    metrics = serve_metrics(config.metrics_listen)
     running = await start_registry(config)
-    write_ready_file(ready_file, port=running.port)
+    write_ready_file(ready_file, port=running.port, **metrics)
     await serve_until_signal(running, config.shutdown_grace_seconds)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from llmesh.common.errors import DependencyDown, OverCapacity
+from llmesh.scheduler import metrics
 from llmesh.scheduler.policy import DEFAULT_POLICY, Policy, make_policy
 from llmesh.scheduler.records import DEFAULT_CAPACITY, Demand, Lease, PoolWorker, WorkerSpec
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
@@ -177,7 +178,7 @@ class WorkerPool:
             return lease
         state = self._state(demand.model)
         if len(state.queue) >= self._max_queue_depth:
-            raise self._reject(demand, f"queue full ({len(state.queue)} waiting)")
+            raise self._reject(demand, f"queue full ({len(state.queue)} waiting)", outcome="queue_full")
         if timeout_s <= 0:
             raise self._reject(demand, "no time left to wait")
         waiter = _Waiter(demand, asyncio.get_running_loop().create_future(), self._clock())
@@ -193,6 +194,7 @@ class WorkerPool:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
+        metrics.LEASE_RELEASES.labels(lease.model, metrics.outcome_label(outcome)).inc()
         self._forget(lease)
         state = self._state(lease.model)
         state.hold_s = 0.8 * state.hold_s + 0.2 * max(0.0, self._clock() - lease.acquired_at)
@@ -288,6 +290,34 @@ class WorkerPool:
         """Whether the worker is in its post-failure cool-down."""
         return worker.ejected_until > self._clock()
 
+    def metrics_snapshot(self) -> metrics.PoolSnapshot:
+        """Waiting requests by (model, priority), leases by model, workers by (model, state), for
+        the metrics collector. Scrapes call it off the event loop: it copies before it iterates."""
+        now = self._clock()
+        snap = metrics.PoolSnapshot()
+        workers = list(self._workers.values())
+        for model in {m for w in workers for m in w.models}:
+            snap.waiting[(model, scheduler_pb2.PRIORITY_NORMAL)] = 0  # an idle model reads 0, not absent
+        for model, state in list(self._models.items()):
+            for waiter in list(state.queue):
+                key = (model, waiter.demand.priority)
+                snap.waiting[key] = snap.waiting.get(key, 0) + 1
+        for lease in list(self._leases.values()):
+            snap.leases[lease.model] = snap.leases.get(lease.model, 0) + 1
+        for w in workers:
+            state_name = (
+                "cordoned"
+                if w.cordoned
+                else "ejected"
+                if w.ejected_until > now
+                else "full"
+                if w.active >= w.capacity
+                else "ready"
+            )
+            for model in w.models:
+                snap.workers[(model, state_name)] = snap.workers.get((model, state_name), 0) + 1
+        return snap
+
     def queue_view(self, model: str = "") -> list[tuple[str, int, int, int]]:
         """(model, waiting, active leases, policy) for every model the pool has seen."""
         models = {m for w in self._workers.values() for m in w.models} | set(self._models)
@@ -316,6 +346,7 @@ class WorkerPool:
             raise self._unserved_error(demand)
 
     def _unserved_error(self, demand: Demand) -> DependencyDown:
+        metrics.LEASE_DECISIONS.labels(demand.model, "no_worker").inc()
         serving = [w for w in self._workers.values() if demand.model in w.models]
         if any(not w.cordoned for w in serving):
             return DependencyDown(
@@ -358,6 +389,10 @@ class WorkerPool:
         self._leases[lease.lease_id] = lease
         self._lease_by_request[demand.request_id] = lease.lease_id
         self.counters.leases_granted += 1
+        metrics.LEASE_DECISIONS.labels(demand.model, "granted").inc()
+        metrics.QUEUE_WAIT.labels(demand.model, metrics.priority_label(demand.priority)).observe(
+            queued_ms / 1000
+        )
         return lease
 
     def _forget(self, lease: Lease) -> None:
@@ -440,8 +475,9 @@ class WorkerPool:
         elif not waiter.future.cancelled() and waiter.future.exception() is None:
             self.release(waiter.future.result().lease_id, scheduler_pb2.OUTCOME_CANCELLED)
 
-    def _reject(self, demand: Demand, why: str) -> OverCapacity:
+    def _reject(self, demand: Demand, why: str, outcome: str = "wait_timeout") -> OverCapacity:
         self.counters.leases_rejected += 1
+        metrics.LEASE_DECISIONS.labels(demand.model, outcome).inc()
         state = self._state(demand.model)
         serving = [w for w in self._workers.values() if demand.model in w.models and not w.cordoned]
         capacity = sum(w.capacity for w in serving) or 1

@@ -16,9 +16,11 @@ from grpc import aio
 
 from llmesh.common.channels import insecure_channel
 from llmesh.common.config import ConfigError, LlmeshConfig
+from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
 from llmesh.registry.traffic_watch import TrafficWatch
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from llmesh.scheduler import metrics
 from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.endpoints import EndpointDiscovery, WorkerEndpoints
 from llmesh.scheduler.picker import EndpointPicker
@@ -52,6 +54,8 @@ class SchedulerServiceConfig:
     auth_address: str = ""
     max_message_bytes: int = 10 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
+    # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if not self.registry_address:
@@ -107,6 +111,7 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
         eject_s=config.eject_seconds,
         traffic=traffic.weights,
     )
+    metrics.POOLS.watch(pool)
     registry_channel = insecure_channel(config.registry_address)
     catalog = ModelCatalog(
         registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds, served=pool.serves
@@ -164,12 +169,13 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
 async def serve_scheduler(config: SchedulerServiceConfig, ready_file: Path | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT; `ready_file` gets {"port": N} once it serves
     (after the first registry snapshot, so start the registry first)."""
+    metrics_info = serve_metrics(config.metrics_listen)
     running, watch = await _start(config)
     stop = asyncio.create_task(serve_until_signal(running, config.shutdown_grace_seconds))
     synced = asyncio.create_task(watch.synced.wait())
     await asyncio.wait({stop, synced}, return_when=asyncio.FIRST_COMPLETED)
     if synced.done():
-        write_ready_file(ready_file, port=running.port)
+        write_ready_file(ready_file, port=running.port, **metrics_info)
     else:
         synced.cancel()
     await stop

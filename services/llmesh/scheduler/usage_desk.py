@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 
+from llmesh.scheduler import metrics
 from llmesh.scheduler.usage import UsageReport, UsageSink
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class UsageDesk:
 
     def report(self, report: UsageReport) -> None:
         """A finished request whose usage is known (the trailers carried it)."""
+        metrics.USAGE_TOKENS.labels(report.model, "prompt").inc(report.prompt_tokens)
+        metrics.USAGE_TOKENS.labels(report.model, "completion").inc(report.completion_tokens)
         try:
             self._sink.record(report)
         except Exception:  # accounting must never break the lease bookkeeping

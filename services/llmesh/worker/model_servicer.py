@@ -32,6 +32,7 @@ from llmesh.worker import convert
 from llmesh.worker.activity import Activity
 from llmesh.worker.engine import ChoiceDelta, Engine, GenerationChunk, GenerationInput
 from llmesh.worker.lease_reporter import LeaseReporter
+from llmesh.worker.metrics import InferenceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
         self._activity = activity
         self._names = frozenset((limits.name, *aliases))
         self._leases = leases
+        self._metrics = InferenceMetrics(limits.name, activity.worker_id, engine)
 
     def _report_cancel(self, context: aio.ServicerContext, usage: _Usage) -> None:
         """The client went away: tell the scheduler what this stream produced (no trailers reach it)."""
@@ -106,13 +108,22 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
         """The engine's deltas, a choice's end reported once; usage kept current in `usage`."""
         request = convert.request_from_proto(prepared.generate, prepared.generate.request_id)
         finished: set[int] = set()
+        clock = self._metrics.stream("chat" if prepared.generate.HasField("chat") else "text_completion")
+        error: BaseException | None = None
         stream = cast(AsyncGenerator[GenerationChunk, None], self._engine.generate(request))
-        async with contextlib.aclosing(stream):
-            async for chunk in stream:
-                usage.add(chunk)
-                deltas = out.fresh_deltas(chunk, finished)
-                if deltas:
-                    yield deltas
+        try:
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    clock.chunk(chunk)
+                    usage.add(chunk)
+                    deltas = out.fresh_deltas(chunk, finished)
+                    if deltas:
+                        yield deltas
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            clock.end(usage.prompt, usage.completion, error)
 
     def _trailers(self, context: aio.ServicerContext, usage: _Usage) -> None:
         context.set_trailing_metadata(

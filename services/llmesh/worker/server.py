@@ -11,6 +11,7 @@ from grpc import aio
 
 from llmesh.common.config import LlmeshConfig, ModelConfig, WorkerConfig
 from llmesh.common.errors import InvalidRequest
+from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
 from llmesh.model.openai_requests import ModelLimits
 from llmesh.model.v1 import model_service_pb2 as model_pb
@@ -46,6 +47,8 @@ class WorkerServiceConfig:
     shutdown_grace_seconds: float = 30.0
     drain_delay_seconds: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
+    # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
+    metrics_listen: str = ""
 
     @classmethod
     def from_config(cls, cfg: LlmeshConfig, worker: WorkerConfig, *, listen: str) -> WorkerServiceConfig:
@@ -156,6 +159,8 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
 
 async def serve_worker(config: WorkerServiceConfig, ready_file: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT."""
+    # Before the engine loads, so a scrape already sees the process while it starts.
+    metrics = serve_metrics(config.metrics_listen)
     running = await start_worker(config)
-    write_ready_file(ready_file, port=running.port, worker_id=config.worker_id)
+    write_ready_file(ready_file, port=running.port, worker_id=config.worker_id, **metrics)
     await serve_until_signal(running, config.shutdown_grace_seconds, config.drain_delay_seconds)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +155,10 @@ class VllmEngine:
             output_tokens_per_second=self._rate.rate(),
             prefix_cache_hit_rate=st.prefix_hit_rate(),
         )
+
+    def on_engine_stats(self, listener: Callable[[Any, Any], None]) -> None:
+        """Also hand each engine step's (scheduler_stats, iteration_stats) to `listener` (metrics)."""
+        self._stats.listener = listener
 
     def in_flight(self) -> int:
         """Streams open through this adapter (unlike `load()`, not a view of the engine's queues)."""
@@ -376,6 +380,7 @@ class _StatsSink:
         self.waiting = 0
         self.kv_cache_usage = 0.0
         self._hits: list[tuple[int, int]] = []  # (queried tokens, hit tokens) per step, recent
+        self.listener: Callable[[Any, Any], None] | None = None
 
     def record(self, stats: Any) -> None:
         self.running = int(stats.num_running_reqs)
@@ -404,6 +409,8 @@ def _stats_logger_factory(sink: _StatsSink) -> Any:
         ):
             if scheduler_stats is not None:
                 self._sink.record(scheduler_stats)
+            if self._sink.listener is not None:
+                self._sink.listener(scheduler_stats, iteration_stats)
 
         def log_engine_initialized(self) -> None:
             pass

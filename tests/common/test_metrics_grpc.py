@@ -1,0 +1,187 @@
+"""gRPC metrics on real servers: every RPC counted by method and final status, streams when they end,
+client calls through llmesh's channel factory, and the `/metrics` side port serving them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import pytest
+from grpc import aio
+
+from llmesh.common import errors
+from llmesh.common.channels import insecure_channel
+from llmesh.common.metrics import REGISTRY, start_metrics_endpoint
+from llmesh.common.server import start_server
+from llmesh.registry.v1 import registry_service_pb2 as pb
+from llmesh.registry.v1 import registry_service_pb2_grpc as pb_grpc
+
+SERVICE = "llmesh.registry.v1.RegistryService"
+
+
+class Double(pb_grpc.RegistryServiceServicer):
+    """GetModel fails as the request's name says; WatchWorkers streams one event, then ends as
+    its `model` says (end, fail, hang until cancelled)."""
+
+    def __init__(self) -> None:
+        self.hanging = asyncio.Event()
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        if request.name == "ok":
+            return pb.GetModelResponse(model=pb.Model(name="ok"))
+        if request.name == "bug":
+            raise KeyError("boom")
+        if request.name == "abort":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "aborted by the handler")
+        raise getattr(errors, request.name)(f"{request.name} happened")
+
+    async def WatchWorkers(self, request: pb.WatchWorkersRequest, context: aio.ServicerContext):
+        yield pb.WatchWorkersResponse(type=pb.WORKER_EVENT_TYPE_SNAPSHOT_END)
+        if request.model == "fail":
+            raise errors.DependencyDown("registry lost its database")
+        if request.model == "hang":
+            self.hanging.set()
+            await asyncio.sleep(3600)
+
+
+@pytest.fixture
+async def served():
+    double = Double()
+
+    def add(s: aio.Server) -> list[str]:
+        pb_grpc.add_RegistryServiceServicer_to_server(double, s)
+        return [SERVICE]
+
+    running = await start_server("metrics-test", "127.0.0.1:0", add)
+    channel = aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield double, running, channel
+    await channel.close(None)
+    await running.stop(0)
+
+
+def handled(method: str, code: str, kind: str, side: str = "server") -> float:
+    labels = {"grpc_type": kind, "grpc_service": SERVICE, "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value(f"grpc_{side}_handled_total", labels) or 0.0
+
+
+def latency_count(method: str, kind: str, side: str = "server") -> float:
+    labels = {"grpc_type": kind, "grpc_service": SERVICE, "grpc_method": method}
+    return REGISTRY.get_sample_value(f"grpc_{side}_handling_seconds_count", labels) or 0.0
+
+
+async def until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("ok", "OK"),
+        ("InvalidRequest", "INVALID_ARGUMENT"),
+        ("NotFound", "NOT_FOUND"),
+        ("OverCapacity", "RESOURCE_EXHAUSTED"),
+        ("bug", "INTERNAL"),
+        ("abort", "PERMISSION_DENIED"),
+    ],
+)
+async def test_unary_rpcs_are_counted_by_their_final_status(served, name: str, code: str) -> None:
+    _, _, channel = served
+    stub = pb_grpc.RegistryServiceStub(channel)
+    before, timed = handled("GetModel", code, "unary"), latency_count("GetModel", "unary")
+    started = REGISTRY.get_sample_value(
+        "grpc_server_started_total",
+        {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetModel"},
+    )
+    try:
+        await stub.GetModel(pb.GetModelRequest(name=name))
+        got = "OK"
+    except aio.AioRpcError as e:
+        got = e.code().name
+    assert got == code
+    assert handled("GetModel", code, "unary") == before + 1
+    assert latency_count("GetModel", "unary") == timed + 1
+    assert (
+        REGISTRY.get_sample_value(
+            "grpc_server_started_total",
+            {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetModel"},
+        )
+        == (started or 0) + 1
+    )
+
+
+async def test_a_stream_counts_once_when_it_ends_with_its_final_status(served) -> None:
+    _, _, channel = served
+    stub = pb_grpc.RegistryServiceStub(channel)
+    ok, unavailable = (
+        handled("WatchWorkers", "OK", "server_stream"),
+        handled("WatchWorkers", "UNAVAILABLE", "server_stream"),
+    )
+    events = [e async for e in stub.WatchWorkers(pb.WatchWorkersRequest(model="end"))]
+    assert len(events) == 1
+    await until(lambda: handled("WatchWorkers", "OK", "server_stream") == ok + 1)
+
+    call = stub.WatchWorkers(pb.WatchWorkersRequest(model="fail"))
+    with pytest.raises(aio.AioRpcError) as failed:
+        async for _ in call:
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    await until(lambda: handled("WatchWorkers", "UNAVAILABLE", "server_stream") == unavailable + 1)
+    assert handled("WatchWorkers", "OK", "server_stream") == ok + 1
+
+
+async def test_a_stream_the_client_cancels_counts_as_cancelled(served) -> None:
+    double, _, channel = served
+    stub = pb_grpc.RegistryServiceStub(channel)
+    codes = [c.name for c in grpc.StatusCode]
+    ended = {code: handled("WatchWorkers", code, "server_stream") for code in codes}
+    call = stub.WatchWorkers(pb.WatchWorkersRequest(model="hang"))
+    await call.read()
+    await asyncio.wait_for(double.hanging.wait(), 5)
+    # Open after its first message: started, not yet counted under any status.
+    assert {code: handled("WatchWorkers", code, "server_stream") for code in codes} == ended
+    cancelled = ended["CANCELLED"]
+    call.cancel()
+    await until(lambda: handled("WatchWorkers", "CANCELLED", "server_stream") == cancelled + 1)
+
+
+async def test_client_calls_through_the_channel_factory_are_counted(served) -> None:
+    _, running, _ = served
+    channel = insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.RegistryServiceStub(channel)
+    ok, missing = (
+        handled("GetModel", "OK", "unary", "client"),
+        handled("GetModel", "NOT_FOUND", "unary", "client"),
+    )
+    await stub.GetModel(pb.GetModelRequest(name="ok"))
+    with pytest.raises(aio.AioRpcError):
+        await stub.GetModel(pb.GetModelRequest(name="NotFound"))
+    await until(lambda: handled("GetModel", "NOT_FOUND", "unary", "client") == missing + 1)
+    assert handled("GetModel", "OK", "unary", "client") == ok + 1
+    assert latency_count("GetModel", "unary", "client") >= 2
+    await channel.close(None)
+
+
+async def test_the_side_port_serves_the_counters_in_prometheus_text(served) -> None:
+    _, _, channel = served
+    await pb_grpc.RegistryServiceStub(channel).GetModel(pb.GetModelRequest(name="ok"))
+    endpoint = start_metrics_endpoint("127.0.0.1:0")
+    try:
+        assert endpoint.port > 0
+        async with httpx.AsyncClient() as http:
+            response = await http.get(endpoint.url)
+        assert response.status_code == 200
+        expected = handled("GetModel", "OK", "unary")
+        line = (
+            f'grpc_server_handled_total{{grpc_code="OK",grpc_method="GetModel",'
+            f'grpc_service="{SERVICE}",grpc_type="unary"}} {expected}'
+        )
+        assert line in response.text
+        assert "process_cpu_seconds_total" in response.text
+    finally:
+        endpoint.close()
