@@ -23,6 +23,7 @@ INFERENCE = {
         "StreamChatCompletion",
         "CreateCompletion",
         "StreamCompletion",
+        "CreateEmbeddings",
         "Tokenize",
         "Detokenize",
     )

@@ -77,6 +77,7 @@ INFERENCE_METHODS: tuple[str, ...] = (
     "StreamChatCompletion",
     "CreateCompletion",
     "StreamCompletion",
+    "CreateEmbeddings",
     "Tokenize",
     "Detokenize",
 )

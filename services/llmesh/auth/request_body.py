@@ -102,6 +102,13 @@ def demand_of(method: str, body: bytes, *, default_max_tokens: int, encoding: st
         params = gen.parameters
         out = params.max_new_tokens if params.HasField("max_new_tokens") else default_max_tokens
         return Demand(gen.model, size + PER_REQUEST_TOKENS, out)
+    if method in routes.INFERENCE_EMBED:
+        embed = model_pb2.CreateEmbeddingsRequest()
+        _parse(embed, payload)
+        # A token id takes at least one byte on the wire and a text token at least one byte too,
+        # so the payload's size bounds the inputs' tokens (plus the special tokens of each input).
+        inputs = embed.input.list_value.values if embed.input.WhichOneof("kind") == "list_value" else ()
+        return Demand(embed.model, size + PER_MESSAGE_TOKENS * max(1, len(inputs)), 0)
     if method == routes.MODEL + "Tokenize":
         tok = model_pb2.TokenizeRequest()
         _parse(tok, payload)

@@ -74,7 +74,9 @@ INTERNAL_PREFIXES: tuple[str, ...] = ("/llmesh.worker.v1.WorkerService/",)
 INFERENCE_CHAT: frozenset[str] = frozenset({MODEL + "CreateChatCompletion", MODEL + "StreamChatCompletion"})
 INFERENCE_TEXT: frozenset[str] = frozenset({MODEL + "CreateCompletion", MODEL + "StreamCompletion"})
 INFERENCE_GENERATE: frozenset[str] = frozenset({MODEL + "Generate", MODEL + "GenerateStream"})
-INFERENCE = INFERENCE_CHAT | INFERENCE_TEXT | INFERENCE_GENERATE
+# Embeddings: a budget for the inputs' tokens, none for output.
+INFERENCE_EMBED: frozenset[str] = frozenset({MODEL + "CreateEmbeddings"})
+INFERENCE = INFERENCE_CHAT | INFERENCE_TEXT | INFERENCE_GENERATE | INFERENCE_EMBED
 # Name a model (allow-list) but use no generation budget.
 MODEL_SCOPED: frozenset[str] = frozenset({MODEL + "Tokenize", MODEL + "Detokenize"})
 

@@ -158,8 +158,14 @@ def _common_sampling(
     sp.stop_token_ids.extend(req.stop_token_ids)
     sp.ignore_eos = req.ignore_eos
     sp.include_stop_str_in_output = req.include_stop_str_in_output
-    if req.logit_bias:
-        raise InvalidRequest("logit_bias is not supported yet; remove it from the request")
+    for key, bias in req.logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0 or str(token_id) != key.strip():
+            raise InvalidRequest(f"logit_bias keys must be token ids (non-negative integers); got {key!r}")
+        sp.logit_bias[token_id] = bias
     return sp
 
 
@@ -173,16 +179,22 @@ def prepare_chat(
         )
     if len(req.tools.values) > 0:
         raise InvalidRequest("tools are not supported yet; remove 'tools' from the request")
+    if req.HasField("tool_choice"):
+        raise InvalidRequest("tool_choice is not supported yet (tools are not); remove it from the request")
     turns: list[common_pb2.ChatTurn] = []
     chars = 0
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
         if m.role not in CHAT_ROLES:
             raise InvalidRequest(f"{where}.role {m.role!r} is not one of {sorted(CHAT_ROLES)}")
+        if m.tool_calls or m.tool_call_id:
+            field = "tool_calls" if m.tool_calls else "tool_call_id"
+            raise InvalidRequest(f"{where}.{field} is not supported yet (tools are not); remove it")
         text = _text_of(m.content, where)
         chars += len(text)
         # "developer" is OpenAI's newer name for "system"; chat templates know "system".
-        turns.append(common_pb2.ChatTurn(role="system" if m.role == "developer" else m.role, content=text))
+        role = "system" if m.role == "developer" else m.role
+        turns.append(common_pb2.ChatTurn(role=role, content=text, name=m.name))
     requested = req.max_completion_tokens if req.HasField("max_completion_tokens") else None
     if requested is None and req.HasField("max_tokens"):
         requested = req.max_tokens
@@ -282,4 +294,79 @@ def prepare_completion(
         priority=_priority(req.priority),
         include_usage=req.stream_options.include_usage,
         echo_text=prompt if req.echo and isinstance(prompt, str) else "",
+    )
+
+
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+EMBEDDING_FORMATS = frozenset({"", "float", "base64"})
+
+
+@dataclass(frozen=True)
+class PreparedEmbeddings:
+    """A validated embeddings request: each input is a text or a list of token ids."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    encoding_format: str  # "float" or "base64"
+    dimensions: int | None
+
+
+def _token_ids(values: Sequence[struct_pb2.Value], where: str) -> tuple[int, ...]:
+    ids = []
+    for v in values:
+        number = v.number_value
+        if v.WhichOneof("kind") != "number_value" or number < 0 or number != int(number):
+            raise InvalidRequest(f"{where} must hold non-negative integer token ids")
+        ids.append(int(number))
+    if not ids:
+        raise InvalidRequest(f"{where} is an empty list of token ids; send at least one token")
+    return tuple(ids)
+
+
+def _embedding_inputs(value: struct_pb2.Value) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's `input`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        raise InvalidRequest("input is required: a string, a list of strings or a list of token ids")
+    if kind == "string_value":
+        items: list[struct_pb2.Value] = [value]
+    elif kind == "list_value":
+        items = list(value.list_value.values)
+        if not items:
+            raise InvalidRequest("input is an empty list; send at least one string or token id list")
+        if all(v.WhichOneof("kind") == "number_value" for v in items):
+            return (_token_ids(items, "input"),)
+    else:
+        raise InvalidRequest("input must be a string, a list of strings or a list of token ids")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            f"input has {len(items)} items; at most {MAX_EMBEDDING_INPUTS} per request, send the rest "
+            "in further requests"
+        )
+    inputs: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(items):
+        where = "input" if kind == "string_value" else f"input[{i}]"
+        item_kind = item.WhichOneof("kind")
+        if item_kind == "string_value":
+            if not item.string_value:
+                raise InvalidRequest(f"{where} is an empty string; embeddings need some text")
+            inputs.append(item.string_value)
+        elif item_kind == "list_value":
+            inputs.append(_token_ids(item.list_value.values, where))
+        else:
+            raise InvalidRequest(f"{where} must be a string or a list of token ids")
+    return tuple(inputs)
+
+
+def prepare_embeddings(req: pb.CreateEmbeddingsRequest) -> PreparedEmbeddings:
+    """Validate an embeddings request (the model's own limits are the engine's to check)."""
+    if req.encoding_format not in EMBEDDING_FORMATS:
+        raise InvalidRequest(f"encoding_format must be 'float' or 'base64'; got {req.encoding_format!r}")
+    dimensions = req.dimensions if req.HasField("dimensions") else None
+    if dimensions is not None and dimensions < 1:
+        raise InvalidRequest(f"dimensions must be at least 1; got {dimensions}")
+    return PreparedEmbeddings(
+        inputs=_embedding_inputs(req.input),
+        encoding_format=req.encoding_format or "float",
+        dimensions=dimensions,
     )

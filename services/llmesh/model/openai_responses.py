@@ -6,6 +6,8 @@ runs once per streamed chunk on the token path.
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,3 +229,28 @@ class CompletionChunker:
 
     def done_chunk(self) -> pb.StreamCompletionResponse:
         return pb.StreamCompletionResponse(object=DONE_SENTINEL)
+
+
+def embedding_value(vector: Sequence[float], encoding_format: str) -> struct_pb2.Value:
+    """One vector as OpenAI sends it: a list of numbers, or base64 of little-endian float32s."""
+    if encoding_format == "base64":
+        packed = struct.pack(f"<{len(vector)}f", *vector)
+        return struct_pb2.Value(string_value=base64.b64encode(packed).decode("ascii"))
+    values = struct_pb2.ListValue()
+    values.extend(vector)
+    return struct_pb2.Value(list_value=values)
+
+
+def embeddings_response(
+    model: str, vectors: Sequence[Sequence[float]], prompt_tokens: int, encoding_format: str
+) -> pb.CreateEmbeddingsResponse:
+    """OpenAI's `list` of `embedding` objects, with usage (prompt tokens only)."""
+    return pb.CreateEmbeddingsResponse(
+        object="list",
+        data=[
+            pb.Embedding(object="embedding", index=i, embedding=embedding_value(v, encoding_format))
+            for i, v in enumerate(vectors)
+        ],
+        model=model,
+        usage=pb.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+    )

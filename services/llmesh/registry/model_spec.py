@@ -22,7 +22,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
 
-ENGINES = ("vllm", "openai", "llamacpp", "scripted")
+ENGINES = ("vllm", "vllm-embed", "openai", "llamacpp", "scripted")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
 # Section defaults, in the order they are exported.

@@ -26,6 +26,7 @@ INFERENCE_METHODS: dict[str, type[Message]] = {
     _SERVICE + "StreamChatCompletion": pb.CreateChatCompletionRequest,
     _SERVICE + "CreateCompletion": pb.CreateCompletionRequest,
     _SERVICE + "StreamCompletion": pb.CreateCompletionRequest,
+    _SERVICE + "CreateEmbeddings": pb.CreateEmbeddingsRequest,
     _SERVICE + "Tokenize": pb.TokenizeRequest,
     _SERVICE + "Detokenize": pb.DetokenizeRequest,
 }
@@ -77,6 +78,24 @@ def _estimate_completion(request: pb.CreateCompletionRequest) -> int:
     return 0
 
 
+def _estimate_embeddings(request: pb.CreateEmbeddingsRequest) -> int:
+    # Token ids count one each; text about 4 characters per token.
+    kind = request.input.WhichOneof("kind")
+    if kind == "string_value":
+        return len(request.input.string_value) // 4 + 1
+    if kind == "list_value":
+        total = 0
+        for item in request.input.list_value.values:
+            if item.WhichOneof("kind") == "list_value":
+                total += len(item.list_value.values)
+            elif item.WhichOneof("kind") == "string_value":
+                total += len(item.string_value) // 4 + 1
+            else:
+                total += 1
+        return total
+    return 0
+
+
 def read_request(path: str, body: bytes, encoding: str = "") -> PickerRequest:
     """Parse an inference RPC's request; InvalidRequest says what is wrong with it."""
     message_type = INFERENCE_METHODS.get(path)
@@ -99,4 +118,8 @@ def read_request(path: str, body: bytes, encoding: str = "") -> PickerRequest:
     if isinstance(message, pb.CreateCompletionRequest):
         max_tokens = message.max_tokens if message.HasField("max_tokens") else COMPLETION_DEFAULT_MAX_TOKENS
         return PickerRequest(path, model, _estimate_completion(message), max_tokens, priority)
+    if isinstance(message, pb.CreateEmbeddingsRequest):
+        # Embeddings generate nothing: one token of output keeps the lease from defaulting to the
+        # model's output limit.
+        return PickerRequest(path, model, _estimate_embeddings(message), 1, priority)
     return PickerRequest(path, model, 0, 0, priority)

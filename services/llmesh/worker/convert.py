@@ -65,6 +65,7 @@ def sampling_from_proto(sp: common_pb2.SamplingParams) -> Sampling:
         include_stop_str_in_output=sp.include_stop_str_in_output,
         skip_special_tokens=bool(skip) if skip is not None else True,
         structured=structured_from_proto(sp.structured_output),
+        logit_bias=tuple(sorted(sp.logit_bias.items())),
     )
 
 

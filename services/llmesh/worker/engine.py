@@ -71,6 +71,7 @@ class Sampling:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured: StructuredSpec | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, sorted by id
 
     def __post_init__(self) -> None:
         _check_range("temperature", self.temperature, 0.0, 2.0)
@@ -110,6 +111,10 @@ class Sampling:
                 raise InvalidRequest("top_logprobs needs logprobs=true")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in [1, {MAX_N}]; got {self.n}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise InvalidRequest(f"logit_bias keys must be non-negative token ids; got {token_id}")
+            _check_range(f"logit_bias[{token_id}]", bias, -100.0, 100.0)
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise InvalidRequest(f"seed must fit in 64 bits; got {self.seed}")
 

@@ -49,6 +49,24 @@ def _vllm(model: ModelConfig, env: Mapping[str, str]) -> Engine:
     )
 
 
+def _vllm_embed(model: ModelConfig, env: Mapping[str, str]) -> Engine:
+    from llmesh.worker.vllm_embedding_engine import VllmEmbeddingEngine
+    from llmesh.worker.vllm_engine import VllmSettings
+
+    return VllmEmbeddingEngine(
+        VllmSettings(
+            model=_required_path(model, "an embedding model directory"),
+            served_name=model.name,
+            dtype=model.dtype,
+            max_model_len=model.max_model_len,
+            max_num_seqs=model.max_num_seqs,
+            enforce_eager=model.enforce_eager,
+            trust_remote_code=model.trust_remote_code,
+            kv_cache_space_gb=model.kv_cache_space_gb,
+        )
+    )
+
+
 def _openai(model: ModelConfig, env: Mapping[str, str]) -> Engine:
     from llmesh.worker.openai_engine import OpenAIEngine, OpenAISettings
 
@@ -112,6 +130,7 @@ def _scripted(model: ModelConfig, env: Mapping[str, str]) -> Engine:
 
 _BUILDERS: dict[str, Callable[[ModelConfig, Mapping[str, str]], Engine]] = {
     "vllm": _vllm,
+    "vllm-embed": _vllm_embed,
     "openai": _openai,
     "anthropic": _anthropic,
     "llamacpp": _llamacpp,

@@ -24,12 +24,19 @@ from llmesh.common import headers
 from llmesh.common.errors import InvalidRequest, LlmeshError, NotFound
 from llmesh.common.interceptors import status_for
 from llmesh.model import openai_responses as out
-from llmesh.model.openai_requests import ModelLimits, PreparedRequest, prepare_chat, prepare_completion
+from llmesh.model.openai_requests import (
+    ModelLimits,
+    PreparedRequest,
+    prepare_chat,
+    prepare_completion,
+    prepare_embeddings,
+)
 from llmesh.model.openai_responses import Chunker, ChunkT
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.worker import convert
 from llmesh.worker.activity import Activity
+from llmesh.worker.embedding import Embedder
 from llmesh.worker.engine import ChoiceDelta, Engine, GenerationChunk, GenerationInput
 from llmesh.worker.lease_reporter import LeaseReporter
 from llmesh.worker.metrics import InferenceMetrics
@@ -262,3 +269,23 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
         with self._activity.request():
             text = await self._engine.detokenize(model, request.tokens)
         return pb.DetokenizeResponse(prompt=text)
+
+    async def CreateEmbeddings(
+        self, request: pb.CreateEmbeddingsRequest, context: aio.ServicerContext
+    ) -> pb.CreateEmbeddingsResponse:
+        """Vectors for text or token-id inputs, when this worker's model is an embedding model."""
+        model = self._model(request.model, context)
+        if not isinstance(self._engine, Embedder):
+            raise InvalidRequest(
+                f"model {model!r} is a generation model and does not serve embeddings; "
+                "send POST /v1/embeddings for an embedding model (GET /v1/models lists the models)"
+            )
+        prepared = prepare_embeddings(request)
+        usage = _Usage()
+        with self._activity.request():
+            try:
+                result = await self._engine.embed(model, prepared.inputs, prepared.dimensions)
+                usage.prompt = result.prompt_tokens
+            finally:
+                self._trailers(context, usage)
+        return out.embeddings_response(model, result.vectors, result.prompt_tokens, prepared.encoding_format)

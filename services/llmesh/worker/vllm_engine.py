@@ -100,12 +100,6 @@ class VllmEngine:
             return
         began = time.monotonic()
         s = self.settings
-        # vLLM reads its process start method from the environment, at engine creation only.
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = s.multiproc_method
-
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         options: dict[str, Any] = dict(
             model=s.model,
             served_model_name=s.name,
@@ -122,15 +116,9 @@ class VllmEngine:
             # Our stat logger below still receives stats; this only turns off vLLM's periodic log lines.
             disable_log_stats=True,
         )
-        args = AsyncEngineArgs(**options)
-        # Engine creation blocks for seconds (process start, weights, KV cache): keep the loop free so
-        # health checks answer NOT_SERVING meanwhile. AsyncLLM supports construction outside a loop.
-        try:
-            self._llm = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, args, stat_loggers=[_stats_logger_factory(self._stats)]
-            )
-        except Exception as e:
-            raise DependencyDown(f"vLLM failed to start {s.model!r}: {e}") from e
+        self._llm = await launch_async_llm(
+            options, s.multiproc_method, stat_loggers=[_stats_logger_factory(self._stats)]
+        )
         self._tokenizer = self._llm.get_tokenizer()
         model_config = self._llm.model_config
         self._info = ModelInfo(s.name, int(model_config.max_model_len), "vllm")
@@ -322,6 +310,7 @@ class VllmEngine:
                 include_stop_str_in_output=s.include_stop_str_in_output,
                 skip_special_tokens=s.skip_special_tokens,
                 structured_outputs=_structured(s.structured),
+                logit_bias=dict(s.logit_bias) or None,
                 output_kind=RequestOutputKind.DELTA,
                 **kwargs,
             )
@@ -332,6 +321,23 @@ class VllmEngine:
         if self._llm is None:
             raise DependencyDown(f"the vLLM engine for {self._info.name!r} is not started (or shut down)")
         return self._llm
+
+
+async def launch_async_llm(options: dict[str, Any], multiproc_method: str, **extra: Any) -> Any:
+    """vLLM's AsyncLLM from engine arguments (`options`), for the generation and pooling adapters."""
+    # vLLM reads its process start method from the environment, at engine creation only.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = multiproc_method
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(**options)
+    # Engine creation blocks for seconds (process start, weights, KV cache): keep the loop free so
+    # health checks answer NOT_SERVING meanwhile. AsyncLLM supports construction outside a loop.
+    try:
+        return await asyncio.to_thread(AsyncLLM.from_engine_args, args, **extra)
+    except Exception as e:
+        raise DependencyDown(f"vLLM failed to start {options['model']!r}: {e}") from e
 
 
 def _structured(spec: StructuredSpec | None) -> Any:

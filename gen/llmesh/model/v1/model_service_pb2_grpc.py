@@ -65,6 +65,11 @@ class ModelServiceStub:
                 request_serializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateCompletionRequest.SerializeToString,
                 response_deserializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.StreamCompletionResponse.FromString,
                 _registered_method=True)
+        self.CreateEmbeddings = channel.unary_unary(
+                '/llmesh.model.v1.ModelService/CreateEmbeddings',
+                request_serializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/llmesh.model.v1.ModelService/Tokenize',
                 request_serializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.TokenizeRequest.SerializeToString,
@@ -143,6 +148,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEmbeddings(self, request, context):
+        """Embeds text or token ids with an embedding model (OpenAI `POST /v1/embeddings`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Tokenizes text or a chat with the model's tokenizer and template.
         """
@@ -210,6 +222,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.StreamCompletion,
                     request_deserializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateCompletionRequest.FromString,
                     response_serializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.StreamCompletionResponse.SerializeToString,
+            ),
+            'CreateEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmbeddings,
+                    request_deserializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsRequest.FromString,
+                    response_serializer=llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -400,6 +417,33 @@ class ModelService:
             '/llmesh.model.v1.ModelService/StreamCompletion',
             llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateCompletionRequest.SerializeToString,
             llmesh_dot_model_dot_v1_dot_model__service__pb2.StreamCompletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.model.v1.ModelService/CreateEmbeddings',
+            llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsRequest.SerializeToString,
+            llmesh_dot_model_dot_v1_dot_model__service__pb2.CreateEmbeddingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
