@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmesh.common.config import LlmeshConfig, WorkerConfig
 from llmesh.common.server import run
+from llmesh.common.tracing import setup_tracing
 
 SERVICES = ("registry", "auth", "scheduler", "worker")
 
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models-file", type=Path, help="registry: a models YAML upserted into the catalog at start-up"
     )
+    parser.add_argument("--trace-console", action="store_true", help="print OpenTelemetry spans to stderr")
 
 
 def _worker_entry(cfg: LlmeshConfig, worker_id: str | None) -> tuple[int, WorkerConfig]:
@@ -43,6 +45,11 @@ def database_url(cfg: LlmeshConfig, data_dir: Path) -> str:
 
 def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
     host = cfg.server.host
+    setup_tracing(
+        f"llmesh-{args.service}",
+        otlp_endpoint=cfg.monitoring.otlp_endpoint,
+        console=args.trace_console or cfg.monitoring.trace_console,
+    )
     if args.service == "registry":
         from llmesh.registry.server import RegistryServiceConfig, serve_registry
 

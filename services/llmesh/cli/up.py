@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-auth", action="store_true", help="let any caller in (no API keys or tokens checked at the edge)"
     )
+    parser.add_argument(
+        "--trace-console", action="store_true", help="every service prints its OpenTelemetry spans to its log"
+    )
 
 
 def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config_path: Path | None) -> Path:
@@ -152,6 +155,8 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     path = effective_config(args, base, config_path)
     cfg = load_config(path)
     stack = Stack(args.data_dir.resolve(), path)
+    if args.trace_console:
+        stack.env["LLMESH_MONITORING__TRACE_CONSOLE"] = "true"
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from grpc import aio
 
 from llmesh.common.grpc_metrics import ClientMetricsInterceptor
+from llmesh.common.tracing import client_interceptors
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -25,9 +26,10 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 def insecure_channel(address: str) -> aio.Channel:
-    """An asyncio client channel with llmesh's keepalive settings, its unary calls counted."""
+    """An asyncio client channel with llmesh's keepalive settings, its unary calls counted (and
+    traced, with `traceparent` sent, when tracing is on)."""
     return aio.insecure_channel(
         address,
         options=channel_options(),
-        interceptors=[ClientMetricsInterceptor()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
+        interceptors=[ClientMetricsInterceptor(), *client_interceptors()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
     )

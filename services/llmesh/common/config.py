@@ -219,6 +219,10 @@ class MonitoringConfig:
     # behind their sidecar, so Prometheus needs this on the pod's address (0.0.0.0).
     metrics_host: str = ""
     metrics_base_port: int = 0
+    # OpenTelemetry traces: an OTLP/gRPC collector ("http://collector:4317"); empty: no export.
+    otlp_endpoint: str = ""
+    # Print every span to stderr (`llmesh serve --trace-console` sets it too).
+    trace_console: bool = False
 
 
 # Offsets of each process's metrics port from `monitoring.metrics_base_port`.

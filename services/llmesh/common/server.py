@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmesh.common.grpc_metrics import ServerMetricsInterceptor
 from llmesh.common.interceptors import ErrorMappingInterceptor
+from llmesh.common.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,13 @@ async def start_server(
     """
     server = aio.server(
         # Metrics outermost: they count the status the error mapping settled on.
-        interceptors=[ServerMetricsInterceptor(), ErrorMappingInterceptor(), *interceptors],
+        # Then the trace span (when tracing is on), so its status is the mapped one too.
+        interceptors=[
+            ServerMetricsInterceptor(),
+            *server_interceptors(),
+            ErrorMappingInterceptor(),
+            *interceptors,
+        ],
         options=server_options(max_message_bytes),
     )
     service_names = tuple(add_servicers(server))

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -195,9 +196,10 @@ REGISTRY.register(ENGINE_LOAD)
 class _OperationChildren:
     """The GenAI histograms of one operation, bound."""
 
-    __slots__ = ("duration", "input_tokens", "output_tokens", "tpot", "ttft")
+    __slots__ = ("duration", "input_tokens", "model", "operation", "output_tokens", "tpot", "ttft")
 
     def __init__(self, operation: str, model: str, worker: str) -> None:
+        self.operation, self.model = operation, model
         labels = (operation, model, worker)
         self.ttft = GENAI_TIME_TO_FIRST_TOKEN.labels(*labels)
         self.tpot = GENAI_TIME_PER_OUTPUT_TOKEN.labels(*labels)
@@ -285,3 +287,15 @@ class StreamClock:
             op.ttft.observe(self._first - self._start)
             if completion_tokens > 1:
                 op.tpot.observe((self._last - self._first) / (completion_tokens - 1))
+        span = trace.get_current_span()  # the RPC's server span when tracing is on
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": op.operation,
+                    "gen_ai.request.model": op.model,
+                    "gen_ai.response.model": op.model,
+                    "gen_ai.usage.input_tokens": prompt_tokens,
+                    "gen_ai.usage.output_tokens": completion_tokens,
+                    "gen_ai.response.finish_reasons": [reason],
+                }
+            )
