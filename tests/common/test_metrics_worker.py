@@ -10,12 +10,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import struct_pb2
 from grpc import aio
 
 from llmesh.common.config import ModelConfig
-from llmesh.common.metrics import REGISTRY
+from llmesh.common.metrics import REGISTRY, start_metrics_endpoint
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
@@ -102,6 +103,16 @@ async def test_a_cancelled_stream_counts_as_abort_with_the_tokens_it_produced(wo
         await call.read()
         await call.read()
         assert value("vllm:num_requests_running", worker_id) == 1  # the engine's gauge, read now
+        # A scrape over HTTP reads it from the server's thread, via the event loop.
+        endpoint = start_metrics_endpoint("127.0.0.1:0")
+        try:
+            async with httpx.AsyncClient() as http:
+                scraped = (await http.get(endpoint.url)).text
+        finally:
+            endpoint.close()
+        labels = f'model_name="{MODEL.name}",worker="{worker_id}"'
+        assert f"vllm:num_requests_running{{{labels}}} 1.0" in scraped
+        assert f"vllm:kv_cache_usage_perc{{{labels}}} 0.0" in scraped
         call.cancel()
         await until(lambda: value("vllm:request_success_total", worker_id, finished_reason="abort") == 1)
         produced = value("vllm:generation_tokens_total", worker_id)

@@ -12,8 +12,12 @@ never wait for the event loop; metric updates on the loop are plain in-memory in
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -25,6 +29,8 @@ from prometheus_client import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """Every llmesh metric, and the process/GC/platform collectors (`process_cpu_seconds_total`, ...)."""
@@ -117,6 +123,36 @@ def start_metrics_endpoint(listen: str, registry: CollectorRegistry = REGISTRY) 
     endpoint = MetricsEndpoint(host, int(server.server_port), server)
     log.info("metrics listening", extra={"metrics_url": endpoint.url})
     return endpoint
+
+
+def on_loop(loop: asyncio.AbstractEventLoop | None, read: Callable[[], T], timeout_s: float = 2.0) -> T:
+    """Run `read` on `loop`'s thread and return its result: collectors that read live state (which
+    the event loop changes without locks) call this from the scrape thread. Runs `read` directly
+    when already on that loop, or when there is no loop to ask."""
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if loop is None or here is loop or loop.is_closed():
+        return read()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            done.set_result(read())
+        except BaseException as e:
+            done.set_exception(e)
+
+    loop.call_soon_threadsafe(call)
+    return done.result(timeout=timeout_s)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop of the calling code, if any (collectors remember where their state lives)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def serve_metrics(listen: str) -> dict[str, object]:

@@ -11,6 +11,7 @@ k8s/components) scale on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import weakref
@@ -22,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from llmesh.common.metrics import REGISTRY
+from llmesh.common.metrics import REGISTRY, on_loop, running_loop
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 
 if TYPE_CHECKING:
@@ -94,11 +95,14 @@ class _PoolCollector(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+        self._pools: weakref.WeakKeyDictionary[WorkerPool, asyncio.AbstractEventLoop | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def watch(self, pool: WorkerPool) -> None:
+        """Report `pool` from now on; it is read on the event loop this is called from."""
         with self._lock:
-            self._pools.add(pool)
+            self._pools[pool] = running_loop()
 
     def describe(self) -> list[Metric]:
         return list(self._families())
@@ -128,12 +132,12 @@ class _PoolCollector(Collector):
         active: dict[str, int] = {}
         states: dict[tuple[str, str], int] = {}
         with self._lock:
-            pools = list(self._pools)
-        for pool in pools:
+            pools = list(self._pools.items())
+        for pool, loop in pools:
             try:
-                snapshot = pool.metrics_snapshot()
-            except RuntimeError:  # changed under us (scrapes run off the event loop); next scrape
-                log.debug("pool changed during a scrape", exc_info=True)
+                snapshot = on_loop(loop, pool.metrics_snapshot)
+            except Exception:  # a loop too busy or shutting down: this scrape goes without
+                log.debug("pool not read during a scrape", exc_info=True)
                 continue
             for (model, priority), n in snapshot.waiting.items():
                 labels = (model, priority_label(priority))

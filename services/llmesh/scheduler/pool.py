@@ -292,7 +292,7 @@ class WorkerPool:
 
     def metrics_snapshot(self) -> metrics.PoolSnapshot:
         """Waiting requests by (model, priority), leases by model, workers by (model, state), for
-        the metrics collector. Scrapes call it off the event loop: it copies before it iterates."""
+        the metrics collector (which calls it on the event loop)."""
         now = self._clock()
         snap = metrics.PoolSnapshot()
         workers = list(self._workers.values())

@@ -34,6 +34,8 @@ from llmesh.common.metrics import (
     GENAI_TPOT_BUCKETS,
     GENAI_TTFT_BUCKETS,
     REGISTRY,
+    on_loop,
+    running_loop,
 )
 from llmesh.worker.engine import EngineLoad, GenerationChunk
 
@@ -148,15 +150,19 @@ GENAI_TOKEN_USAGE = Histogram(
 
 class _EngineLoadCollector(Collector):
     """`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
-    read from each live engine's load report at scrape time."""
+    read from each live engine's load report at scrape time, on the engine's event loop (a load
+    report may update the engine's own bookkeeping, which only that loop touches)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # taken by scrapes and servicer construction, never per token
-        self._sources: dict[tuple[str, str], weakref.WeakMethod[Callable[[], EngineLoad]]] = {}
+        self._sources: dict[
+            tuple[str, str],
+            tuple[weakref.WeakMethod[Callable[[], EngineLoad]], asyncio.AbstractEventLoop | None],
+        ] = {}
 
     def watch(self, model: str, worker: str, load: Callable[[], EngineLoad]) -> None:
         with self._lock:
-            self._sources[(model, worker)] = weakref.WeakMethod(load)  # type: ignore[arg-type]
+            self._sources[(model, worker)] = (weakref.WeakMethod(load), running_loop())  # type: ignore[arg-type]
 
     def describe(self) -> list[Metric]:
         return list(self._families())
@@ -174,13 +180,13 @@ class _EngineLoadCollector(Collector):
         running, waiting, kv = self._families()
         with self._lock:
             sources = list(self._sources.items())
-        for (model, worker), ref in sources:
+        for (model, worker), (ref, loop) in sources:
             load_of = ref()
             if load_of is None:
                 continue
             try:
-                load = load_of()
-            except Exception:  # an engine shutting down; its series just pauses
+                load = on_loop(loop, load_of)
+            except Exception:  # an engine shutting down, a loop too busy; the series just pauses
                 log.debug("engine load unavailable for %s", worker, exc_info=True)
                 continue
             running.add_metric([model, worker], load.running)
