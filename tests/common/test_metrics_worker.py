@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import httpx
@@ -19,6 +19,7 @@ from llmesh.common.config import ModelConfig
 from llmesh.common.metrics import REGISTRY, start_metrics_endpoint
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
+from llmesh.worker.embedding import EmbeddingInput, Embeddings
 from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
 from llmesh.worker.server import WorkerServiceConfig, start_worker
 
@@ -128,3 +129,35 @@ async def test_a_failing_engine_counts_as_error(worker_id: str) -> None:
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
         await until(lambda: value("vllm:request_success_total", worker_id, finished_reason="error") == 1)
         assert value("vllm:generation_tokens_total", worker_id) == 3
+
+
+class EmbeddingDouble(ScriptedEngine):
+    """The ScriptedEngine that also embeds: one token per character, 4-dimensional vectors."""
+
+    def dimensions(self) -> int:
+        return 4
+
+    async def embed(
+        self, model: str, inputs: Sequence[EmbeddingInput], dimensions: int | None = None
+    ) -> Embeddings:
+        tokens = sum(len(i) for i in inputs)
+        return Embeddings(tuple((1.0, 0.0, 0.0, 0.0) for _ in inputs), tokens)
+
+
+async def test_an_embeddings_request_counts_its_prompt_tokens(worker_id: str) -> None:
+    running = await start_worker(
+        WorkerServiceConfig(listen="127.0.0.1:0", model=MODEL, worker_id=worker_id),
+        engine=EmbeddingDouble(ScriptedSettings(model=MODEL.name)),
+    )
+    channel = aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        reply = await pb_grpc.ModelServiceStub(channel).CreateEmbeddings(
+            pb.CreateEmbeddingsRequest(model=MODEL.name, input=struct_pb2.Value(string_value="twelve chars"))
+        )
+        assert reply.usage.prompt_tokens == 12
+        assert value("vllm:prompt_tokens_total", worker_id) == 12
+        assert value("vllm:request_success_total", worker_id, finished_reason="stop") == 1
+        assert value("vllm:generation_tokens_total", worker_id) == 0
+    finally:
+        await channel.close(None)
+        await running.stop(0)

@@ -240,6 +240,12 @@ class InferenceMetrics:
         """Start timing one request (call at its arrival)."""
         return StreamClock(self, self.operations[operation])
 
+    def embedded(self, prompt_tokens: int) -> None:
+        """An embeddings request served: prompt tokens only, finished with stop (as vLLM counts a
+        pooling request)."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.finished["stop"].inc()
+
     def engine_step(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         """vLLM's stats of one engine step (its stat logger's `record`)."""
         prefix = getattr(scheduler_stats, "prefix_cache_stats", None)

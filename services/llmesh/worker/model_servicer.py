@@ -286,6 +286,7 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
             try:
                 result = await self._engine.embed(model, prepared.inputs, prepared.dimensions)
                 usage.prompt = result.prompt_tokens
+                self._metrics.embedded(result.prompt_tokens)
             finally:
                 self._trailers(context, usage)
         return out.embeddings_response(model, result.vectors, result.prompt_tokens, prepared.encoding_format)
