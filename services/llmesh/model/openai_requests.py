@@ -169,6 +169,32 @@ def _common_sampling(
     return sp
 
 
+def _refuse_unsupported_chat_fields(req: pb.CreateChatCompletionRequest) -> None:
+    """OpenAI fields the contract carries only to refuse them by name (see the proto)."""
+    unsupported = [
+        name
+        for name in ("audio", "prediction", "web_search_options", "functions", "function_call")
+        if req.HasField(name)
+    ]
+    if req.reasoning_effort:
+        unsupported.append("reasoning_effort")
+    if req.metadata:
+        unsupported.append("metadata")
+    if unsupported:
+        raise InvalidRequest(
+            f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported by llmesh; "
+            "remove it from the request"
+        )
+    if any(m != "text" for m in req.modalities):
+        raise InvalidRequest(f"modalities {list(req.modalities)} is not supported; only ['text'] is")
+    if req.HasField("store") and req.store:
+        raise InvalidRequest("store=true is not supported: llmesh does not store completions; remove it")
+    if req.service_tier not in ("", "auto", "default"):
+        raise InvalidRequest(
+            f"service_tier {req.service_tier!r} is not supported; use 'auto' or 'default', or omit it"
+        )
+
+
 def prepare_chat(
     req: pb.CreateChatCompletionRequest, limits: ModelLimits, request_id: str
 ) -> PreparedRequest:
@@ -181,6 +207,7 @@ def prepare_chat(
         raise InvalidRequest("tools are not supported yet; remove 'tools' from the request")
     if req.HasField("tool_choice"):
         raise InvalidRequest("tool_choice is not supported yet (tools are not); remove it from the request")
+    _refuse_unsupported_chat_fields(req)
     turns: list[common_pb2.ChatTurn] = []
     chars = 0
     for i, m in enumerate(req.messages):

@@ -345,15 +345,17 @@ def _structured(spec: StructuredSpec | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
+    # JSON without free whitespace: a grammar that allows any whitespace lets a weak model emit
+    # newlines until max_tokens, and clients want the JSON, not the padding.
     if spec.kind == "json_schema":
-        return StructuredOutputsParams(json=spec.value)
+        return StructuredOutputsParams(json=spec.value, disable_any_whitespace=True)
     if spec.kind == "regex":
         return StructuredOutputsParams(regex=spec.value)
     if spec.kind == "choice":
         return StructuredOutputsParams(choice=list(spec.choices))
     if spec.kind == "grammar":
         return StructuredOutputsParams(grammar=spec.value)
-    return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
 
 
 def _logprobs(token_ids: Sequence[int], positions: Any, top_n: int) -> tuple[TokenLogprob, ...]:
