@@ -125,20 +125,30 @@ def _final_code(context: aio.ServicerContext, error: BaseException | None) -> gr
     return grpc.StatusCode.UNKNOWN
 
 
+class _Timed:
+    """Counts one RPC as started on entry, and on exit as handled with the status its ending
+    implies (whatever exception, BaseExceptions included, ended it)."""
+
+    __slots__ = ("_began", "_context", "_metrics")
+
+    def __init__(self, metrics: _MethodMetrics, context: aio.ServicerContext) -> None:
+        self._metrics, self._context = metrics, context
+        self._began = time.perf_counter()
+        metrics.started.inc()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
+        self._metrics.done(_final_code(self._context, error), time.perf_counter() - self._began)
+
+
 def _wrap_response(behavior: Callable[..., Awaitable[Any]], metrics: _MethodMetrics) -> Callable[..., Any]:
     """A handler that returns one response (unary-unary, stream-unary)."""
 
     async def handler(request: Any, context: aio.ServicerContext) -> Any:
-        began = time.perf_counter()
-        metrics.started.inc()
-        error: BaseException | None = None
-        try:
+        with _Timed(metrics, context):
             return await behavior(request, context)
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            metrics.done(_final_code(context, error), time.perf_counter() - began)
 
     return handler
 
@@ -147,17 +157,9 @@ def _wrap_stream(behavior: Callable[..., Any], metrics: _MethodMetrics) -> Calla
     """A handler that streams responses (unary-stream, stream-stream), as an async generator."""
 
     async def handler(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        began = time.perf_counter()
-        metrics.started.inc()
-        error: BaseException | None = None
-        try:
+        with _Timed(metrics, context):
             async for item in behavior(request, context):
                 yield item
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            metrics.done(_final_code(context, error), time.perf_counter() - began)
 
     return handler
 
