@@ -11,6 +11,8 @@ buckets the semantic convention gives (`gen_ai_server_time_to_first_token_second
 Cost on the token path: per chunk one `perf_counter()` and one histogram observe (inter-token
 latency; the first chunk observes time to first token instead); everything else once per request.
 Every labelled child is bound when the servicer is built, so no label lookup happens per request.
+When tracing is on, the request's end also puts the GenAI attributes (model, token usage, finish
+reasons) on the RPC's server span.
 """
 
 from __future__ import annotations
