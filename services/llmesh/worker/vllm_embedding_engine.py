@@ -57,11 +57,18 @@ class VllmEmbeddingEngine:
             return
         began = time.monotonic()
         s = self.settings
+        from vllm.platforms import current_platform
+
+        dtype = s.dtype
+        if dtype == "auto" and current_platform.is_cpu():
+            # "auto" casts a float32 model to float16 on CPU, where half-precision matmuls are slow:
+            # MiniLM embeds 5x faster in float32 (197 vs 40 inputs/s at batch 64 on 2 cores).
+            dtype = "float32"
         options: dict[str, Any] = dict(
             model=s.model,
             served_model_name=s.name,
             runner="pooling",
-            dtype=s.dtype,
+            dtype=dtype,
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             enforce_eager=s.enforce_eager,
