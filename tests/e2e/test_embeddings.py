@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from google.protobuf import struct_pb2
 
 from llmesh.auth.v1 import auth_service_pb2 as auth_pb
 from llmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -185,23 +186,26 @@ async def test_token_ids_embed_like_their_text(embedding_stack: EmbeddingStack) 
 
 
 async def test_ledger_counts_the_inputs_tokens(embedding_stack: EmbeddingStack) -> None:
-    async def rows() -> list[auth_pb.UsageRow]:
-        async with grpc.aio.insecure_channel(embedding_stack.auth) as channel:
-            usage = await auth_grpc.AuthServiceStub(channel).GetUsage(
-                auth_pb.GetUsageRequest(), metadata=(("authorization", f"Bearer {embedding_stack.api_key}"),)
-            )
-        return [r for r in usage.rows if r.model == MODEL]
-
-    before = sum(r.prompt_tokens for r in await rows())
-    reply = await sdk(embedding_stack).embeddings.create(model=MODEL, input=["one two three", "four five"])
-    expected = before + reply.usage.prompt_tokens
-    for _ in range(200):
-        total = sum(r.prompt_tokens for r in await rows())
-        if total >= expected:
-            break
-        await asyncio.sleep(0.05)
-    assert total == expected
-    assert sum(r.completion_tokens for r in await rows()) == 0
+    admin = (("authorization", f"Bearer {embedding_stack.api_key}"),)
+    async with grpc.aio.insecure_channel(embedding_stack.auth) as channel:
+        auth = auth_grpc.AuthServiceStub(channel)
+        # A key of its own, so other tests' usage (recorded asynchronously) stays out of its rows.
+        created = await auth.CreateApiKey(auth_pb.CreateApiKeyRequest(name="ledger"), metadata=admin)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://{edge_of(embedding_stack)}/v1", api_key=created.secret, max_retries=0
+        )
+        reply = await client.embeddings.create(model=MODEL, input=["one two three", "four five"])
+        assert reply.usage.prompt_tokens == 5 + 2 * 2  # the words and [CLS]/[SEP] per input
+        rows: list[auth_pb.UsageRow] = []
+        for _ in range(200):
+            usage = await auth.GetUsage(auth_pb.GetUsageRequest(key_id=created.key.key_id), metadata=admin)
+            rows = list(usage.rows)
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+    assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        (MODEL, 1, reply.usage.prompt_tokens, 0)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -248,3 +252,36 @@ async def test_embeddings_of_a_chat_model_are_refused(vllm_stack: VllmStack) -> 
     with pytest.raises(openai.BadRequestError) as info:
         await client.embeddings.create(model=vllm_stack.model, input="hello")
     assert "is a generation model and does not serve embeddings" in str(info.value)
+
+
+async def test_the_worker_answers_grpc_status_codes(embedding_stack: EmbeddingStack) -> None:
+    """Straight to the worker (no edge): bad input is INVALID_ARGUMENT, another model NOT_FOUND."""
+    async with grpc.aio.insecure_channel(embedding_stack.worker) as channel:
+        models = pb_grpc.ModelServiceStub(channel)
+        reply = await models.CreateEmbeddings(
+            pb.CreateEmbeddingsRequest(model=MODEL, input=struct_pb2.Value(string_value="hello"))
+        )
+        assert len(reply.data[0].embedding.list_value.values) == DIMENSIONS
+        assert reply.usage.prompt_tokens == 3  # [CLS] hello [SEP]
+        cases = [
+            (pb.CreateEmbeddingsRequest(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "input is required"),
+            (
+                pb.CreateEmbeddingsRequest(model="other", input=struct_pb2.Value(string_value="x")),
+                grpc.StatusCode.NOT_FOUND,
+                "is not served by worker",
+            ),
+            (
+                pb.CreateChatCompletionRequest(model=MODEL, messages=[pb.ChatMessage(role="user")]),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "is an embedding model",
+            ),
+        ]
+        for message, code, words in cases:
+            method = (
+                models.CreateEmbeddings
+                if isinstance(message, pb.CreateEmbeddingsRequest)
+                else models.CreateChatCompletion
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await method(message)  # type: ignore[operator]
+            assert info.value.code() == code and words in (info.value.details() or ""), info.value
