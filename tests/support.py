@@ -65,7 +65,7 @@ def write_stack_config(
                 "path": str(model_dir),
                 "aliases": ["tiny"],
                 "max_model_len": 2048,
-                "max_output_tokens": 1024,
+                "max_output_tokens": 2000,
                 "max_num_seqs": max_num_seqs,
                 "kv_cache_space_gb": 1,
             }

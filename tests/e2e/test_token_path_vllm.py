@@ -7,13 +7,14 @@ Tests that kill or stop a worker start it again before they end (the stack is sh
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
+import os
 import signal
 import time
 
 import grpc
 import httpx
+import psutil
 import pytest
 from google.protobuf import struct_pb2
 
@@ -25,9 +26,12 @@ from llmesh.worker.v1 import worker_service_pb2 as worker_pb
 from llmesh.worker.v1 import worker_service_pb2_grpc as worker_grpc
 from tests.e2e.stack_ops import restart_worker, wait_until_only_healthy
 from tests.support import VllmStack, require
-from tests.wire_timing import post_sse
 
 pytestmark = pytest.mark.vllm
+
+# Long enough that the engine is still generating when a client has read its first chunks (about a
+# millisecond per token on an idle CPU), within the stack's max_output_tokens.
+LONG_STREAM_TOKENS = 2000
 
 
 def edge(stack: VllmStack) -> str:
@@ -84,25 +88,48 @@ async def until(predicate, timeout_s: float, what: str) -> float:
     return time.monotonic() - began
 
 
-async def test_sse_stream_arrives_token_by_token_and_ends_with_done(vllm_stack: VllmStack) -> None:
-    host, port = edge(vllm_stack).rsplit(":", 1)
+async def test_sse_stream_reaches_the_client_while_the_engine_still_generates(vllm_stack: VllmStack) -> None:
     body = {
         "model": vllm_stack.model,
         "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": 64,
+        "max_tokens": LONG_STREAM_TOKENS,
         "ignore_eos": True,
         "stream": True,
     }
-    frames = await asyncio.to_thread(post_sse, host, int(port), "/v1/chat/completions", body)
-    assert frames[-1].data == "data: [DONE]" and [f.data for f in frames].count("data: [DONE]") == 1
-    content = frames[:-1]
-    assert len(content) >= 16, f"64 tokens came in only {len(content)} chunks"
-    # Token by token: chunks leave the engine a decode step apart (milliseconds on this CPU). A
-    # stream held back somewhere and flushed at once reaches the wire within microseconds. Wire
-    # times (the kernel's), so a test process that was not scheduled for a while cannot fake one.
-    gaps = [b.at - a.at for a, b in itertools.pairwise(content)]
-    bunched = sum(1 for gap in gaps if gap < 0.0002)
-    assert bunched <= len(gaps) // 4, f"{bunched} of {len(gaps)} chunks reached the wire together: {gaps}"
+    engine_busy_at_first_text = None
+    buffer = ""
+    async with (
+        httpx.AsyncClient(base_url=f"http://{edge(vllm_stack)}", timeout=120) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for text in response.aiter_text():
+            buffer += text
+            if engine_busy_at_first_text is None and '"content"' in buffer:
+                engine_busy_at_first_text = await engine_requests(vllm_stack)
+    # Token by token: the first text is here while the engine still has most of the stream to
+    # generate. A stream held back anywhere (worker, Envoy, a starved proxy) arrives after the
+    # engine is done, as it did when the engine's busy-polling core out-ranked Envoy.
+    assert engine_busy_at_first_text == 1
+    frames = [f for f in buffer.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]" and frames.count("data: [DONE]") == 1
+    chunks = [json.loads(f[len("data: ") :]) for f in frames[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert len(chunks) >= 16 and text, f"{LONG_STREAM_TOKENS} tokens came in only {len(chunks)} chunks"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_engine_processes_run_below_the_data_plane(vllm_stack: VllmStack) -> None:
+    for child in vllm_stack.stack.children:
+        if child.kind != "worker":
+            continue
+        engine = psutil.Process(child.process.pid).children(recursive=True)
+        assert engine, f"{child.name} has no engine processes"
+        assert os.getpriority(os.PRIO_PROCESS, child.process.pid) == 0
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for p in engine for t in p.threads()} == {10}
+    envoy = vllm_stack.stack.child("envoy").process.pid
+    assert os.getpriority(os.PRIO_PROCESS, envoy) == 0
 
 
 async def test_client_cancel_aborts_the_engine_request_and_releases_the_lease(vllm_stack: VllmStack) -> None:
@@ -111,7 +138,7 @@ async def test_client_cancel_aborts_the_engine_request_and_releases_the_lease(vl
     body = {
         "model": vllm_stack.model,
         "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": 1000,
+        "max_tokens": LONG_STREAM_TOKENS,
         "ignore_eos": True,
         "stream": True,
     }
@@ -130,7 +157,7 @@ async def test_client_cancel_aborts_the_engine_request_and_releases_the_lease(vl
             return await engine_requests(vllm_stack) == 0 and sum((await leases(vllm_stack)).values()) == 0
 
         await until(idle, 5.0, f"attempt {attempt}: engine abort and lease release")
-        # 1,000 tokens take seconds on this CPU: idle within a second means the engine aborted.
+        # 2,000 tokens take seconds on this CPU: idle within a second means the engine aborted.
         took = time.monotonic() - cancelled_at
         assert took < 1.0, f"attempt {attempt}: idle only {took:.2f} s after the client left"
 
@@ -181,7 +208,9 @@ async def test_a_worker_killed_mid_stream_gives_a_clean_error_and_frees_the_leas
 ) -> None:
     edge(vllm_stack)
     async with grpc.aio.insecure_channel(vllm_stack.edge) as channel:
-        call = pb_grpc.ModelServiceStub(channel).StreamChatCompletion(chat(vllm_stack, max_tokens=1000))
+        call = pb_grpc.ModelServiceStub(channel).StreamChatCompletion(
+            chat(vllm_stack, max_tokens=LONG_STREAM_TOKENS)
+        )
         received = [await call.read(), await call.read()]
         serving = [w for w, n in (await leases(vllm_stack)).items() if n]
         assert len(serving) == 1
@@ -211,7 +240,7 @@ async def test_sigterm_lets_the_stream_in_flight_finish_and_sends_new_work_elsew
     body = {
         "model": vllm_stack.model,
         "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": 600,
+        "max_tokens": LONG_STREAM_TOKENS,
         "ignore_eos": True,
         "stream": True,
     }

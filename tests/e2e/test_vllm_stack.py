@@ -73,7 +73,7 @@ async def test_unary_chat_and_text_completion_from_vllm(vllm_stack: VllmStack) -
     ("fields", "code", "words"),
     [
         ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model"),
-        ({"max_tokens": 5000}, grpc.StatusCode.INVALID_ARGUMENT, "at most 1024"),
+        ({"max_tokens": 5000}, grpc.StatusCode.INVALID_ARGUMENT, "at most 2000"),
         ({"messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "messages is empty"),
         ({"content": "word " * 400, "max_tokens": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "2048"),
     ],

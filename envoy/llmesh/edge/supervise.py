@@ -73,7 +73,7 @@ def start_envoy_child(
     )
     with log_file.open("ab") as log:
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0
         )
     child = Child(name="envoy", kind="envoy", process=process, ready_file=ready_file, log_file=log_file)
     stack.children.append(child)

@@ -99,8 +99,12 @@ class Stack:
         ]
         argv += list(extra)
         with log_file.open("ab") as log:
+            # Its own process group (killpg stops a child with its engine processes) in this session:
+            # with Linux's autogroup scheduling each session competes as one unit, so children in
+            # one session are what lets the engines' lower priority (worker.engine_priority) put
+            # Envoy and the relays first.
             process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, process_group=0
             )
         child = Child(name=name, kind=kind, process=process, ready_file=ready, log_file=log_file)
         self.children.append(child)

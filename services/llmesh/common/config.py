@@ -143,6 +143,9 @@ class ModelConfig:
     kv_cache_space_gb: float = 1.0
     trust_remote_code: bool = False
     enforce_eager: bool = True
+    # vLLM: nice value of the engine's processes, so Envoy and the relay never queue behind its
+    # busy-polling engine core on a CPU-only host (llmesh.worker.engine_priority); 0: the worker's.
+    engine_nice: int = 10
     chat_template: str = ""
     upstream_model: str = ""  # openai/anthropic: the model's name at the upstream (default: name)
     # openai/anthropic engines: where the upstream listens and how to authenticate. The key comes

@@ -38,6 +38,7 @@ from llmesh.worker.engine import (
     check_fits,
     find_model,
 )
+from llmesh.worker.engine_priority import DEFAULT_ENGINE_NICE, lower_descendants_priority
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class VllmSettings:
     scheduling_policy: str = "fcfs"  # "priority": GenerationRequest.priority orders the queue, lower first
     # "spawn" keeps the engine process clear of gRPC's threads (fork after gRPC started is unsafe).
     multiproc_method: str = "spawn"
+    # Nice value of the engine's processes (llmesh.worker.engine_priority); 0 keeps the worker's.
+    engine_nice: int = DEFAULT_ENGINE_NICE
 
     @property
     def name(self) -> str:
@@ -117,7 +120,7 @@ class VllmEngine:
             disable_log_stats=True,
         )
         self._llm = await launch_async_llm(
-            options, s.multiproc_method, stat_loggers=[_stats_logger_factory(self._stats)]
+            options, s.multiproc_method, s.engine_nice, stat_loggers=[_stats_logger_factory(self._stats)]
         )
         self._tokenizer = self._llm.get_tokenizer()
         model_config = self._llm.model_config
@@ -323,8 +326,12 @@ class VllmEngine:
         return self._llm
 
 
-async def launch_async_llm(options: dict[str, Any], multiproc_method: str, **extra: Any) -> Any:
-    """vLLM's AsyncLLM from engine arguments (`options`), for the generation and pooling adapters."""
+async def launch_async_llm(
+    options: dict[str, Any], multiproc_method: str, engine_nice: int = DEFAULT_ENGINE_NICE, **extra: Any
+) -> Any:
+    """vLLM's AsyncLLM from engine arguments (`options`), for the generation and pooling adapters.
+
+    The engine's processes then run at `engine_nice`, below the data plane (engine_priority)."""
     # vLLM reads its process start method from the environment, at engine creation only.
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = multiproc_method
 
@@ -335,9 +342,13 @@ async def launch_async_llm(options: dict[str, Any], multiproc_method: str, **ext
     # Engine creation blocks for seconds (process start, weights, KV cache): keep the loop free so
     # health checks answer NOT_SERVING meanwhile. AsyncLLM supports construction outside a loop.
     try:
-        return await asyncio.to_thread(AsyncLLM.from_engine_args, args, **extra)
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, **extra)
     except Exception as e:
         raise DependencyDown(f"vLLM failed to start {options['model']!r}: {e}") from e
+    lowered = lower_descendants_priority(engine_nice)
+    if lowered:
+        log.info("engine processes %s run at nice %d", lowered, engine_nice)
+    return llm
 
 
 def _structured(spec: StructuredSpec | None) -> Any:
