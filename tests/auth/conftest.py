@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import uuid
@@ -91,7 +92,7 @@ def sqlite_url(tmp_path: object) -> str:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The real Redis (required under CI)."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
     try:
         client.ping()
     except redis.RedisError as e:
@@ -159,9 +160,10 @@ async def make_auth(sqlite_url: str) -> AsyncIterator[AuthFactory]:
     yield make
     for client in started:
         await client.channel.close(None)
-        await client.running.stop(None)
+        # Bounded: a stop that hangs fails here with its own message, not pytest's 600 s timeout.
+        await asyncio.wait_for(client.running.stop(None), timeout=30)
     if any(c.config.redis_url for c in started):
-        r = redis.Redis.from_url(REDIS_URL)
+        r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
         for prefix in set(prefixes):
             keys = list(r.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"))
             if keys:

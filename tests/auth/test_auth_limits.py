@@ -49,7 +49,7 @@ async def fake_clock_limiter(limiter_redis: str):  # type: ignore[no-untyped-def
     limiter: Limiter
     ns = uuid.uuid4().hex[:8]
     if limiter_redis:
-        client = aioredis.Redis.from_url(limiter_redis)
+        client = aioredis.Redis.from_url(limiter_redis, socket_connect_timeout=2, socket_timeout=10)
         limiter = RedisLimiter(client, prefix=f"llmesh-test:{{{ns}}}:", clock=clock)
     else:
         limiter = MemoryLimiter(clock)
