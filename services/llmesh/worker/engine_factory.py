@@ -64,6 +64,7 @@ def _vllm_embed(model: ModelConfig, env: Mapping[str, str]) -> Engine:
             enforce_eager=model.enforce_eager,
             trust_remote_code=model.trust_remote_code,
             kv_cache_space_gb=model.kv_cache_space_gb,
+            engine_nice=model.engine_nice,
         )
     )
 

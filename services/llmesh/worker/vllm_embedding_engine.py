@@ -76,7 +76,7 @@ class VllmEmbeddingEngine:
             kv_cache_memory_bytes=int(s.kv_cache_space_gb * GiB) if s.kv_cache_space_gb else None,
             disable_log_stats=True,
         )
-        self._llm = await launch_async_llm(options, s.multiproc_method)
+        self._llm = await launch_async_llm(options, s.multiproc_method, s.engine_nice)
         self._tokenizer = self._llm.get_tokenizer()
         self._affixes = special_affixes(self._tokenizer)
         config = self._llm.model_config
