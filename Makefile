@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec builds do not match the CPU torch and break
 	# `import transformers` ("operator torchvision::nms does not exist").
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	# xds-protos ships an old copy of the OpenTelemetry protos that can overwrite
+	# opentelemetry-proto's files (then the OTLP exporter fails to import): put the real ones back.
+	$(PIP) install -q --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(PY) -c "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter"
 	touch $@
 
 setup: $(STAMP)  ## create .venv and install llmesh with the engine, edge and dev extras

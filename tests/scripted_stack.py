@@ -80,6 +80,7 @@ async def make_stack(
     max_queue_wait: float = 5.0,
     edge: bool = False,
     auth: bool = False,
+    otlp_endpoint: str = "",
 ) -> ScriptedStack:
     """Start registry, scheduler, workers and auth (and Envoy with `edge`); `servers` collects
     them for teardown."""
@@ -148,7 +149,9 @@ async def make_stack(
     )
     await _wait_for_workers(stack.scheduler, len(engines))
     if edge:
-        stack.envoy = await start_stack_edge(stack.addresses, tmp_path / "edge", max_queue_wait, auth)
+        stack.envoy = await start_stack_edge(
+            stack.addresses, tmp_path / "edge", max_queue_wait, auth, otlp_endpoint=otlp_endpoint
+        )
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}")
         stack.channels.append(channel)
         stack.models = pb_grpc.ModelServiceStub(channel)
@@ -159,7 +162,11 @@ async def make_stack(
 
 
 async def start_stack_edge(
-    addresses: dict[str, str], run_dir: Path, max_queue_wait: float, auth: bool = False
+    addresses: dict[str, str],
+    run_dir: Path,
+    max_queue_wait: float,
+    auth: bool = False,
+    otlp_endpoint: str = "",
 ) -> Any:
     """A real Envoy in front of the stack (the edge config `llmesh up` uses), on free ports."""
     from llmesh.edge import EnvoyProcess
@@ -177,6 +184,7 @@ async def start_stack_edge(
         picker_timeout_s=max_queue_wait + 5,
         health_check_interval_s=0.5,
         auth_enabled=auth,
+        otlp_endpoint=otlp_endpoint,
     )
     await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
     envoy = EnvoyProcess(settings, run_dir)

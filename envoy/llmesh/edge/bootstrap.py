@@ -74,6 +74,7 @@ from llmesh.edge.filters import (
     typed,
 )
 from llmesh.edge.settings import CATALOG_CLUSTER, GRPC_SERVICE_OF, MODEL_SERVICE, SERVICE_NAMES, EdgeSettings
+from llmesh.edge.tracing import collector_cluster, edge_tracing
 from llmesh.edge.workers import (
     MAX_UPSTREAM_REQUESTS,
     UPSTREAM_OPTIONS_KEY,
@@ -219,9 +220,12 @@ def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:
         preserve_external_request_id=True,
         always_set_request_id_in_response=True,
         # By default Envoy rewrites one character of a UUID-shaped id to carry its tracing
-        # decision, so the id a client sent would not be the id in the logs.
+        # decision, so the id a client sent would not be the id in the logs; without that
+        # character the id cannot carry the decision, so traces are sampled at random (100 %).
         request_id_extension=RequestIdExtension(
-            typed_config=typed(UuidRequestIdConfig(pack_trace_reason=False))
+            typed_config=typed(
+                UuidRequestIdConfig(pack_trace_reason=False, use_request_id_for_trace_sampling=False)
+            )
         ),
         use_remote_address=True,
         server_name="llmesh-edge",
@@ -229,6 +233,7 @@ def connection_manager(settings: EdgeSettings) -> HttpConnectionManager:
         request_timeout=timedelta(0),
         request_headers_timeout=_seconds(30),
         common_http_protocol_options=HttpProtocolOptions(idle_timeout=_seconds(3600)),
+        tracing=edge_tracing(settings) if settings.otlp_endpoint else None,
     )
 
 
@@ -343,7 +348,11 @@ def bootstrap(settings: EdgeSettings) -> Bootstrap:
         ),
         static_resources=BootstrapStaticResources(
             listeners=[listener(settings)],
-            clusters=[*(cluster(settings, name) for name in SERVICE_NAMES), workers_cluster(settings)],
+            clusters=[
+                *(cluster(settings, name) for name in SERVICE_NAMES),
+                workers_cluster(settings),
+                *([collector_cluster(settings)] if settings.otlp_endpoint else []),
+            ],
         ),
         overload_manager=_overload_manager(),
     )

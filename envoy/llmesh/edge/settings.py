@@ -34,6 +34,11 @@ CATALOG_CLUSTER = "registry"
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+def collector_address(otlp_endpoint: str) -> str:
+    """ "host:port" of an OTLP endpoint given as a URL ("http://collector:4317") or bare."""
+    return otlp_endpoint.split("://", 1)[-1].rstrip("/")
+
+
 class EdgeSettingsError(ValueError):
     """An edge setting is wrong; the message names it and says what is expected."""
 
@@ -130,6 +135,8 @@ class EdgeSettings:
     auth_enabled: bool = False
     # Envoy's node id and cluster, shown in its admin interface and logs.
     node_id: str = "llmesh-edge"
+    # OTLP/gRPC collector ("host:port") Envoy exports its request spans to; empty: no tracing.
+    otlp_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.admin_host not in _LOOPBACK_HOSTS:
@@ -166,6 +173,8 @@ class EdgeSettings:
             raise EdgeSettingsError("health_check_unhealthy_threshold: must be >= 1")
         if self.connect_timeout_s <= 0:
             raise EdgeSettingsError("connect_timeout_s: must be positive")
+        if self.otlp_endpoint:
+            Endpoint.parse(self.otlp_endpoint, "otlp_endpoint")
 
     def upstream(self, service: str) -> Endpoint:
         """The parsed address of `service` (registry, auth, scheduler)."""
@@ -188,4 +197,5 @@ class EdgeSettings:
             registry=cfg.address_of("registry"),
             auth=cfg.address_of("auth"),
             scheduler=cfg.address_of("scheduler"),
+            otlp_endpoint=collector_address(cfg.monitoring.otlp_endpoint),
         )
