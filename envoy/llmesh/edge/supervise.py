@@ -72,6 +72,7 @@ def start_envoy_child(
         envoy_bin or find_envoy(), config_path, admin_address_path=admin_address_path, log_path=None
     )
     with log_file.open("ab") as log:
+        # The stack's session, like every child (Stack.spawn): nice values only rank within one.
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0
         )

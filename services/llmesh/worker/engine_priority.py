@@ -2,8 +2,8 @@
 
 vLLM's engine core busy-polls (`sched_yield`) while its model worker computes, so on a CPU-only
 host one core stays runnable for as long as requests run. At the same priority, Envoy, this
-worker's relay and the control plane queue behind it: measured on 2 cores, Envoy spent 0.7-1.0 s
-of every second of a stream waiting to run, and tokens reached clients in bursts. With the
+worker's relay and the control plane queue behind it: measured on 2 cores, Envoy's worker thread
+waited 0.7-1.2 s to run during a ~1 s stream, and tokens reached clients in bursts. With the
 engine's processes niced, the data plane runs the moment it has work; with idle cores, nothing
 changes. Nice is per thread on Linux: every thread of every descendant process is set, and threads
 they start later inherit it.
@@ -26,7 +26,7 @@ DEFAULT_ENGINE_NICE = 10
 def lower_descendants_priority(nice: int) -> list[int]:
     """Raise the nice value of every thread of this process's descendants to at least `nice`.
 
-    Returns the pids it changed. Never lowers a nice value (that needs privileges)."""
+    Returns the pids of the descendants it set. Never lowers a nice value (that needs privileges)."""
     changed: list[int] = []
     if nice <= 0:
         return changed
