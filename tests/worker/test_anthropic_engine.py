@@ -237,6 +237,6 @@ def test_factory_builds_it_with_the_key_from_the_named_variable() -> None:
 
 def test_unknown_engine_lists_the_choices() -> None:
     with pytest.raises(
-        InvalidRequest, match="unknown engine 'tgi'; use one of vllm, openai, anthropic, llamacpp"
+        InvalidRequest, match="unknown engine 'tgi'; use one of vllm, vllm-embed, openai, anthropic, llamacpp"
     ):
         build_engine(ModelConfig(name="m", engine="tgi"))
