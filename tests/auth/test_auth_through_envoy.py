@@ -107,6 +107,22 @@ async def test_a_key_streams_and_the_ledger_holds_one_row_per_request(stack_fact
     assert sum(r.completion_tokens for r in rows) == 4 + 4 + 5
 
 
+async def test_an_openai_stream_through_auth_ends_with_done(stack_factory) -> None:
+    # Check removes client-sent x-llmesh-* headers; the edge's own SSE marker must survive it, or
+    # OpenAI clients never see `data: [DONE]`.
+    stack = await stack_factory({"w0": engine()}, edge=True, auth=True)
+    async with httpx.AsyncClient(base_url=stack.envoy.url, timeout=30) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"authorization": f"Bearer {stack.admin_key}", "x-llmesh-sse": "0"},
+        )
+    assert response.status_code == 200, response.text
+    frames = [f for f in response.text.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]" and frames.count("data: [DONE]") == 1, frames[-2:]
+    assert len(frames) >= 3
+
+
 async def test_a_cancelled_stream_is_charged_what_it_streamed(stack_factory) -> None:
     slow = engine(tokens_per_second=40)
     stack = await stack_factory({"w0": slow}, edge=True, auth=True)

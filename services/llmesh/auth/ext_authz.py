@@ -26,6 +26,7 @@ from llmesh.auth.credentials import Authenticator, credential_from_headers
 from llmesh.auth.metrics import count_denial
 from llmesh.auth.principal import Principal
 from llmesh.auth.request_body import demand_of
+from llmesh.common import headers as headers_module
 from llmesh.common.errors import (
     DependencyDown,
     Forbidden,
@@ -46,6 +47,9 @@ TENANT_HEADER = "x-llmesh-tenant"
 REQUEST_ID_HEADER = "x-llmesh-request-id"
 IDENTITY_HEADERS = (USER_HEADER, KEY_ID_HEADER, ROLE_HEADER, TENANT_HEADER, REQUEST_ID_HEADER)
 HEADER_PREFIX = "x-llmesh-"
+# Set by the edge itself before Check runs (its Lua filter drops the client's copy first): the
+# SSE marker that makes the worker end a REST stream with OpenAI's `data: [DONE]`.
+EDGE_HEADERS = frozenset({headers_module.SSE})
 
 # (HTTP status, google.rpc code, OpenAI error type) per domain error.
 _DENIALS: list[tuple[type[LlmeshError], int, int, str]] = [
@@ -155,7 +159,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         method = routes.method_of(http.path)
         headers = request_headers(http)
-        client_llmesh = [h for h in headers if h.startswith(HEADER_PREFIX)]
+        client_llmesh = [h for h in headers if h.startswith(HEADER_PREFIX) and h not in EDGE_HEADERS]
         request_id = self._new_id()
         try:
             principal = await self._decide(method, headers, http, request_id)
