@@ -147,6 +147,9 @@ class ModelConfig:
     # busy-polling engine core on a CPU-only host (llmesh.worker.engine_priority); 0: the worker's.
     engine_nice: int = 10
     chat_template: str = ""
+    # vLLM: the tool parser (vLLM's ToolParserManager name: "hermes", "llama3_json", "mistral" ...)
+    # that finds tool calls in the output for tool_choice "auto"; empty: the model has none.
+    tool_parser: str = ""
     upstream_model: str = ""  # openai/anthropic: the model's name at the upstream (default: name)
     # openai/anthropic engines: where the upstream listens and how to authenticate. The key comes
     # from `api_key`, else from the environment variable named by `api_key_env`; it is never logged.

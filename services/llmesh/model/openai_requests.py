@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.v1 import common_pb2
 from llmesh.model.v1 import model_service_pb2 as pb
+from llmesh.worker.engine import ToolCall, ToolChoice
+from llmesh.worker.tool_calls import required_calls_schema
 from llmesh.worker.v1 import worker_service_pb2 as worker_pb
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -28,6 +32,18 @@ class ModelLimits:
 
 
 @dataclass(frozen=True)
+class ChatTools:
+    """What tools add to a chat, beside the worker's GenerateRequest (whose chat turns carry text).
+
+    `tools` are rendered by the chat template (none for tool_choice "none"); `choice` is None when
+    no calls are looked for; `turns` holds each message's (tool_calls, tool_call_id)."""
+
+    tools: tuple[dict[str, Any], ...]
+    choice: ToolChoice | None
+    turns: tuple[tuple[tuple[ToolCall, ...], str], ...]
+
+
+@dataclass(frozen=True)
 class PreparedRequest:
     """A validated request ready to dispatch, with what the scheduler needs to know."""
 
@@ -37,6 +53,7 @@ class PreparedRequest:
     priority: int
     include_usage: bool
     echo_text: str = ""
+    chat_tools: ChatTools | None = None
 
 
 def _text_of(content: struct_pb2.Value, where: str) -> str:
@@ -196,27 +213,23 @@ def _refuse_unsupported_chat_fields(req: pb.CreateChatCompletionRequest) -> None
 
 
 def prepare_chat(
-    req: pb.CreateChatCompletionRequest, limits: ModelLimits, request_id: str
+    req: pb.CreateChatCompletionRequest, limits: ModelLimits, request_id: str, *, streaming: bool = True
 ) -> PreparedRequest:
-    """Validate a chat completion request and build the worker request."""
+    """Validate a chat completion request and build the worker request (`streaming`: the answer
+    is streamed, so tool calls are parsed as they come)."""
     if not req.messages:
         raise InvalidRequest(
             "messages is empty; send at least one message, e.g. {'role':'user','content':'Hi'}"
         )
-    if len(req.tools.values) > 0:
-        raise InvalidRequest("tools are not supported yet; remove 'tools' from the request")
-    if req.HasField("tool_choice"):
-        raise InvalidRequest("tool_choice is not supported yet (tools are not); remove it from the request")
     _refuse_unsupported_chat_fields(req)
     turns: list[common_pb2.ChatTurn] = []
+    call_turns: list[tuple[tuple[ToolCall, ...], str]] = []
     chars = 0
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
         if m.role not in CHAT_ROLES:
             raise InvalidRequest(f"{where}.role {m.role!r} is not one of {sorted(CHAT_ROLES)}")
-        if m.tool_calls or m.tool_call_id:
-            field = "tool_calls" if m.tool_calls else "tool_call_id"
-            raise InvalidRequest(f"{where}.{field} is not supported yet (tools are not); remove it")
+        call_turns.append(_turn_tools(m, where))
         text = _text_of(m.content, where)
         chars += len(text)
         # "developer" is OpenAI's newer name for "system"; chat templates know "system".
@@ -238,6 +251,19 @@ def prepare_chat(
             req.guided_choice,
         )
     )
+    tools = _tools(req)
+    choice = _tool_choice(req, tools, streaming)
+    if choice is not None and choice.mode != "auto":
+        if sampling.structured_output.WhichOneof("constraint") is not None:
+            raise InvalidRequest(
+                "tool_choice 'required' or a named function constrains the output to the call's JSON; "
+                "remove response_format/guided_* from the request, or use tool_choice 'auto'"
+            )
+        sampling.structured_output.json_schema = json.dumps(_call_schema(choice, tools))
+    chat_tools = None
+    if tools or any(calls or call_id for calls, call_id in call_turns):
+        rendered = tuple(tools) if choice is not None else ()
+        chat_tools = ChatTools(tools=rendered, choice=choice, turns=tuple(call_turns))
     generate = worker_pb.GenerateRequest(
         request_id=request_id,
         model=limits.name,
@@ -256,7 +282,106 @@ def prepare_chat(
         max_tokens=max_tokens,
         priority=_priority(req.priority),
         include_usage=req.stream_options.include_usage,
+        chat_tools=chat_tools,
     )
+
+
+# OpenAI's rule for function names.
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _tools(req: pb.CreateChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's tools as OpenAI tool objects (what chat templates read), checked."""
+    tools: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for i, tool in enumerate(req.tools):
+        where = f"tools[{i}]"
+        if tool.type != "function":
+            raise InvalidRequest(f"{where}.type must be 'function'; got {tool.type!r}")
+        name = tool.function.name
+        if not _FUNCTION_NAME.match(name):
+            raise InvalidRequest(
+                f"{where}.function.name {name!r} must be 1 to 64 letters, digits, underscores or dashes"
+            )
+        if name in names:
+            raise InvalidRequest(f"{where}.function.name {name!r} is given twice; tool names must be unique")
+        names.add(name)
+        function: dict[str, Any] = {"name": name}
+        if tool.function.description:
+            function["description"] = tool.function.description
+        if tool.function.HasField("parameters"):
+            parameters = json_format.MessageToDict(tool.function.parameters)
+            if parameters.get("type") != "object":
+                raise InvalidRequest(
+                    f"{where}.function.parameters must be a JSON Schema of type 'object' (the arguments "
+                    f"are an object); got type {parameters.get('type')!r}"
+                )
+            function["parameters"] = parameters
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_choice(
+    req: pb.CreateChatCompletionRequest, tools: list[dict[str, Any]], streaming: bool
+) -> ToolChoice | None:
+    """How tools are used; None when the model sees no tools ("none", or no tools given)."""
+    parallel = req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True
+    value = req.tool_choice
+    kind = value.WhichOneof("kind") if req.HasField("tool_choice") else None
+    if kind is None or kind == "null_value":
+        mode, function = ("auto" if tools else "none"), ""
+    elif kind == "string_value" and value.string_value in TOOL_CHOICES:
+        mode, function = value.string_value, ""
+    elif kind == "struct_value":
+        fields = json_format.MessageToDict(value.struct_value)
+        name = fields.get("function", {}).get("name") if isinstance(fields.get("function"), dict) else None
+        if fields.get("type") != "function" or not isinstance(name, str):
+            raise InvalidRequest(
+                "tool_choice as an object must be {'type': 'function', 'function': {'name': '...'}}"
+            )
+        mode, function = "named", name
+    else:
+        raise InvalidRequest(
+            "tool_choice must be 'none', 'auto', 'required' or "
+            "{'type': 'function', 'function': {'name': '...'}}"
+        )
+    if mode == "none":
+        return None
+    if not tools:
+        raise InvalidRequest(f"tool_choice {value.string_value or function!r} needs tools; send 'tools'")
+    if mode == "named" and function not in {t["function"]["name"] for t in tools}:
+        known = sorted(t["function"]["name"] for t in tools)
+        raise InvalidRequest(f"tool_choice names function {function!r}, which is not in tools ({known})")
+    return ToolChoice(mode=mode, function=function, parallel=parallel, streaming=streaming)
+
+
+def _call_schema(choice: ToolChoice, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON schema the output keeps to for tool_choice "required" or a named function."""
+    if choice.mode == "named":
+        function = next(t["function"] for t in tools if t["function"]["name"] == choice.function)
+        return dict(function.get("parameters") or {"type": "object", "properties": {}})
+    return required_calls_schema(tools, choice.parallel)
+
+
+def _turn_tools(m: pb.ChatMessage, where: str) -> tuple[tuple[ToolCall, ...], str]:
+    """A message's tool calls (assistant) or the call it answers (tool), checked."""
+    if m.tool_calls and m.role != "assistant":
+        raise InvalidRequest(f"{where}.tool_calls is only for assistant messages; this one is {m.role!r}")
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest(
+            f"{where} has role 'tool' but no tool_call_id; set it to the id of the call it answers"
+        )
+    if m.tool_call_id and m.role != "tool":
+        raise InvalidRequest(f"{where}.tool_call_id is only for tool messages; this one is {m.role!r}")
+    calls = []
+    for j, call in enumerate(m.tool_calls):
+        if call.type not in ("", "function"):
+            raise InvalidRequest(f"{where}.tool_calls[{j}].type must be 'function'; got {call.type!r}")
+        if not call.id or not call.function.name:
+            raise InvalidRequest(f"{where}.tool_calls[{j}] needs an id and function.name")
+        calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+    return tuple(calls), m.tool_call_id
 
 
 def _completion_prompt(prompt: struct_pb2.Value) -> str | list[int]:

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 from google.protobuf import struct_pb2
 
 from llmesh.model.v1 import model_service_pb2 as pb
-from llmesh.worker.engine import ChoiceDelta, GenerationChunk, TokenLogprob
+from llmesh.worker.engine import ChoiceDelta, GenerationChunk, TokenLogprob, ToolCallDelta
 
 ChunkT = TypeVar("ChunkT", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse, covariant=True)
 
@@ -93,6 +93,34 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = ""
     stop_reason: str = ""
+    tool_calls: dict[int, pb.ToolCall] = field(default_factory=dict)
+
+    def add_calls(self, fragments: Sequence[ToolCallDelta]) -> None:
+        """Fragments joined into whole calls, as an OpenAI client joins a stream's."""
+        for f in fragments:
+            call = self.tool_calls.get(f.index)
+            if call is None:
+                call = self.tool_calls[f.index] = pb.ToolCall(type="function")
+                call.function.SetInParent()
+            if f.id:
+                call.id = f.id
+            call.function.name += f.name
+            call.function.arguments += f.arguments
+
+
+def tool_call_chunks(fragments: Sequence[ToolCallDelta]) -> list[pb.ToolCall]:
+    """Stream fragments as OpenAI sends them: id, type and name on a call's first fragment only."""
+    out = []
+    for f in fragments:
+        call = pb.ToolCall(index=f.index)
+        if f.id:
+            call.id, call.type = f.id, "function"
+        if f.name:
+            call.function.name = f.name
+        if f.arguments or f.name:
+            call.function.arguments = f.arguments
+        out.append(call)
+    return out
 
 
 class ResponseAccumulator:
@@ -105,6 +133,8 @@ class ResponseAccumulator:
         for delta in deltas:
             choice = self._choices.setdefault(delta.index, _Choice())
             choice.text.append(delta.text)
+            if delta.tool_calls:
+                choice.add_calls(delta.tool_calls)
             choice.logprobs.extend(delta.logprobs)
             if delta.finish_reason:
                 choice.finish_reason = delta.finish_reason
@@ -114,10 +144,13 @@ class ResponseAccumulator:
         out = []
         for index in sorted(self._choices):
             c = self._choices[index]
+            text = "".join(c.text)
+            message = pb.ChatCompletionMessage(role="assistant")
+            if text or not c.tool_calls:  # OpenAI: no content when the model only called tools
+                message.content = text
+            message.tool_calls.extend(c.tool_calls[i] for i in sorted(c.tool_calls))
             choice = pb.ChatCompletionChoice(
-                index=index,
-                message=pb.ChatCompletionMessage(role="assistant", content="".join(c.text)),
-                finish_reason=c.finish_reason or "stop",
+                index=index, message=message, finish_reason=c.finish_reason or "stop"
             )
             if c.logprobs:
                 choice.logprobs.CopyFrom(chat_logprobs(c.logprobs))
@@ -161,8 +194,10 @@ class ChatChunker:
             if delta.index not in self._started:
                 self._started.add(delta.index)
                 choice.delta.role = "assistant"
-            if delta.text or not delta.finish_reason:
+            if delta.text or not (delta.finish_reason or delta.tool_calls):
                 choice.delta.content = delta.text
+            if delta.tool_calls:
+                choice.delta.tool_calls.extend(tool_call_chunks(delta.tool_calls))
             if delta.logprobs:
                 choice.logprobs.CopyFrom(chat_logprobs(delta.logprobs))
             if delta.finish_reason:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.v1 import common_pb2
 from llmesh.worker.engine import (
@@ -14,6 +18,8 @@ from llmesh.worker.engine import (
     Sampling,
     StructuredSpec,
     TokenLogprob,
+    ToolCall,
+    ToolChoice,
 )
 from llmesh.worker.v1 import worker_service_pb2 as pb
 
@@ -98,6 +104,26 @@ def request_from_proto(req: pb.GenerateRequest, request_id: str) -> GenerationRe
         input=input_from_proto(req),
         sampling=sampling_from_proto(req.sampling),
         priority=req.priority,
+    )
+
+
+def with_tools(
+    request: GenerationRequest,
+    tools: Sequence[Mapping[str, Any]],
+    choice: ToolChoice | None,
+    turns: Sequence[tuple[tuple[ToolCall, ...], str]],
+) -> GenerationRequest:
+    """A chat request with the tools its template renders, each turn's tool calls or answered call
+    id, and how calls are looked for (the worker proto's chat turns carry text only)."""
+    chat = request.input.chat
+    if chat is None:
+        raise InvalidRequest("tools need a chat; send messages")
+    messages = tuple(
+        replace(m, tool_calls=calls, tool_call_id=call_id)
+        for m, (calls, call_id) in zip(chat, turns, strict=True)
+    )
+    return replace(
+        request, input=replace(request.input, chat=messages, tools=tuple(tools)), tool_choice=choice
     )
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from llmesh.common.errors import InvalidRequest, NotFound
 
@@ -125,12 +125,45 @@ def _check_range(name: str, value: float | None, lo: float, hi: float) -> None:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made: its id, the function, the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of the `index`-th tool call of a choice: id and name come first, arguments in pieces."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """How a chat with tools is answered: "auto" (the model decides; a tool parser finds the calls),
+    "required" (at least one call) or "named" (a call of `function`). `streaming` says whether the
+    client reads the answer as it comes, so parsing may wait for the whole text when it does not."""
+
+    mode: str
+    function: str = ""
+    parallel: bool = True
+    streaming: bool = True
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     """One chat turn; `role` is free-form (system, user, assistant, tool, ...) as chat templates decide."""
 
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # the call a tool turn answers
 
     def __post_init__(self) -> None:
         if not self.role:
@@ -146,6 +179,7 @@ class GenerationInput:
     chat: tuple[ChatMessage, ...] | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI tool objects the chat template renders
 
     def __post_init__(self) -> None:
         given = [n for n in ("prompt", "prompt_token_ids", "chat") if getattr(self, n) is not None]
@@ -191,6 +225,7 @@ class GenerationRequest:
     input: GenerationInput
     sampling: Sampling = field(default_factory=Sampling)
     priority: int = 0
+    tool_choice: ToolChoice | None = None  # None: the output is text, no tool calls are looked for
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -217,8 +252,9 @@ class ChoiceDelta:
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None (still running)
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | "error" | None
     stop_reason: str | None = None  # the stop string or stop token id that ended it, if any
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # tool-call fragments parsed out of the output
 
 
 @dataclass(frozen=True)
@@ -281,6 +317,15 @@ class Engine(Protocol):
     def load(self) -> EngineLoad: ...
 
     async def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class ToolCalling(Protocol):
+    """An engine that renders tools and finds tool calls in its output (GenerationRequest.tool_choice).
+
+    `tool_parser` names the parser for tool_choice "auto"; "" when the model has none."""
+
+    def tool_parser(self) -> str: ...
 
 
 # --- helpers shared by the adapters -------------------------------------------------------------

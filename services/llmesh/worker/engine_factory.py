@@ -45,6 +45,7 @@ def _vllm(model: ModelConfig, env: Mapping[str, str]) -> Engine:
             trust_remote_code=model.trust_remote_code,
             kv_cache_space_gb=model.kv_cache_space_gb,
             chat_template=model.chat_template or None,
+            tool_parser=model.tool_parser,
             engine_nice=model.engine_nice,
         )
     )

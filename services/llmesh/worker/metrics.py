@@ -290,7 +290,8 @@ class StreamClock:
         if reason is None:
             failed = error is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit)
             reason = "error" if failed else "abort"
-        m.finished.get(reason, m.finished["error"]).inc()
+        # A choice that ended in tool calls stopped as the engine sees it (vLLM counts it so).
+        m.finished.get("stop" if reason == "tool_calls" else reason, m.finished["error"]).inc()
         m.e2e.observe(now - self._start)
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(completion_tokens)

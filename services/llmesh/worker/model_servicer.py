@@ -37,7 +37,7 @@ from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.worker import convert
 from llmesh.worker.activity import Activity
 from llmesh.worker.embedding import Embedder
-from llmesh.worker.engine import ChoiceDelta, Engine, GenerationChunk, GenerationInput
+from llmesh.worker.engine import ChoiceDelta, Engine, GenerationChunk, GenerationInput, ToolCalling
 from llmesh.worker.lease_reporter import LeaseReporter
 from llmesh.worker.metrics import InferenceMetrics
 
@@ -114,6 +114,15 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
     async def _generate(self, prepared: PreparedRequest, usage: _Usage) -> AsyncIterator[list[ChoiceDelta]]:
         """The engine's deltas, a choice's end reported once; usage kept current in `usage`."""
         request = convert.request_from_proto(prepared.generate, prepared.generate.request_id)
+        tools = prepared.chat_tools
+        if tools is not None:
+            uses_tools = tools.choice is not None or any(calls or call_id for calls, call_id in tools.turns)
+            if uses_tools and not isinstance(self._engine, ToolCalling):
+                raise InvalidRequest(
+                    f"model {self._limits.name!r} runs on an engine without tool calling (vLLM has it); "
+                    "remove tools or set tool_choice 'none'"
+                )
+            request = convert.with_tools(request, tools.tools, tools.choice, tools.turns)
         finished: set[int] = set()
         clock = self._metrics.stream("chat" if prepared.generate.HasField("chat") else "text_completion")
         error: BaseException | None = None
@@ -190,7 +199,7 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
         """A whole chat completion (OpenAI stream=false)."""
         model = self._model(request.model, context)
         rid = platform_request_id(context)
-        acc, usage = await self._collect(prepare_chat(request, self._limits, rid), context)
+        acc, usage = await self._collect(prepare_chat(request, self._limits, rid, streaming=False), context)
         return pb.CreateChatCompletionResponse(
             id=f"chatcmpl-{rid}",
             object="chat.completion",

@@ -19,8 +19,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmesh.common.errors import Conflict, DependencyDown, InvalidRequest, OverCapacity
@@ -39,6 +39,12 @@ from llmesh.worker.engine import (
     find_model,
 )
 from llmesh.worker.engine_priority import DEFAULT_ENGINE_NICE, lower_descendants_priority
+from llmesh.worker.tool_calls import (
+    VllmToolParsers,
+    compact_json_grammar,
+    read_tool_calls,
+    template_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class VllmSettings:
     multiproc_method: str = "spawn"
     # Nice value of the engine's processes (llmesh.worker.engine_priority); 0 keeps the worker's.
     engine_nice: int = DEFAULT_ENGINE_NICE
+    # vLLM's tool parser for tool_choice "auto" ("hermes", "llama3_json", ...); "" : none.
+    tool_parser: str = ""
 
     @property
     def name(self) -> str:
@@ -96,6 +104,7 @@ class VllmEngine:
         self._stats = _StatsSink()
         self._rate = TokenRate()
         self._in_flight: set[str] = set()
+        self._auto_tools: VllmToolParsers | None = None  # tool_choice "auto": the model's parser
         self.start_seconds: float | None = None
 
     async def start(self) -> None:
@@ -119,10 +128,24 @@ class VllmEngine:
             # Our stat logger below still receives stats; this only turns off vLLM's periodic log lines.
             disable_log_stats=True,
         )
+        if s.tool_parser:
+            from vllm.tool_parsers import ToolParserManager
+
+            # Before the engine starts: a misspelt parser is a config error, found in a second.
+            try:
+                ToolParserManager.get_tool_parser(s.tool_parser)
+            except KeyError:
+                known = sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
+                raise DependencyDown(
+                    f"vLLM cannot start {s.name!r}: its tool_parser {s.tool_parser!r} is not one of "
+                    f"vLLM's tool parsers {known}; fix tool_parser in the model's config"
+                ) from None
         self._llm = await launch_async_llm(
             options, s.multiproc_method, s.engine_nice, stat_loggers=[_stats_logger_factory(self._stats)]
         )
         self._tokenizer = self._llm.get_tokenizer()
+        if s.tool_parser:
+            self._auto_tools = VllmToolParsers(s.tool_parser, self._tokenizer, s.name)
         model_config = self._llm.model_config
         self._info = ModelInfo(s.name, int(model_config.max_model_len), "vllm")
         self._defaults = dict(model_config.get_diff_sampling_param())
@@ -131,6 +154,9 @@ class VllmEngine:
 
     def models(self) -> list[ModelInfo]:
         return [self._info]
+
+    def tool_parser(self) -> str:
+        return self.settings.tool_parser
 
     def load(self) -> EngineLoad:
         unfinished = 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
@@ -190,9 +216,7 @@ class VllmEngine:
     def _encode_sync(self, input: GenerationInput, add_special_tokens: bool) -> list[int]:
         if input.chat is None:
             return list(self._tokenizer.encode(input.prompt or "", add_special_tokens=add_special_tokens))
-        messages = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in input.chat
-        ]
+        messages = [template_message(m) for m in input.chat]
         template = input.chat_template or self.settings.chat_template
         try:
             text = self._tokenizer.apply_chat_template(
@@ -200,6 +224,7 @@ class VllmEngine:
                 chat_template=template,
                 add_generation_prompt=input.add_generation_prompt,
                 tokenize=False,
+                tools=[dict(t) for t in input.tools] or None,
             )
         except Exception as e:  # transformers: ValueError (no template); jinja2: TemplateError
             raise InvalidRequest(
@@ -214,6 +239,12 @@ class VllmEngine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         llm = self._require_started()
         info = find_model(self.models(), req.model)
+        if req.tool_choice is not None and req.tool_choice.mode == "auto" and self._auto_tools is None:
+            raise InvalidRequest(
+                f"model {info.name!r} has no tool parser, so with tools and tool_choice 'auto' (the default) "
+                "its calls cannot be found; use tool_choice 'required' or name a function, or serve the "
+                "model with a tool_parser"
+            )
         if req.request_id in self._in_flight:
             raise Conflict(f"request_id {req.request_id!r} is already streaming; use a unique id per request")
         self._in_flight.add(req.request_id)  # before the first await, so a duplicate cannot slip in
@@ -221,15 +252,34 @@ class VllmEngine:
             prompt_ids = await self._encode(req.input)
             if not prompt_ids:
                 raise InvalidRequest("the prompt is empty after tokenization; send some text")
-            params = self._sampling_params(req.sampling, check_fits(len(prompt_ids), req.sampling, info))
-            async for chunk in self._stream(llm, req, prompt_ids, params):
+            sampling = req.sampling
+            choice = req.tool_choice
+            if choice is not None and choice.mode == "auto" and self._auto_tools is not None:
+                if self._auto_tools.keeps_special_tokens(req.input.tools, choice):
+                    sampling = replace(sampling, skip_special_tokens=False)
+            structured = sampling.structured
+            if (
+                choice is not None
+                and choice.mode != "auto"
+                and structured
+                and structured.kind == "json_schema"
+            ):
+                grammar = compact_json_grammar(structured.value)
+                if grammar is not None:
+                    sampling = replace(sampling, structured=StructuredSpec(kind="grammar", value=grammar))
+            params = self._sampling_params(sampling, check_fits(len(prompt_ids), sampling, info))
+            engine_stream = self._stream(llm, req, prompt_ids, params)
+            stream: AsyncIterator[GenerationChunk] = engine_stream
+            if req.tool_choice is not None:
+                stream = read_tool_calls(engine_stream, req.tool_choice, req.input.tools, self._auto_tools)
+            async for chunk in stream:
                 yield chunk
         finally:
             self._in_flight.discard(req.request_id)
 
     async def _stream(
         self, llm: Any, req: GenerationRequest, prompt_ids: list[int], params: Any
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         from vllm.exceptions import (
             GracefulHTTPError,
             MaxQueuedTokensError,
