@@ -240,7 +240,9 @@ async def test_sigterm_lets_the_stream_in_flight_finish_and_sends_new_work_elsew
     body = {
         "model": vllm_stack.model,
         "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": LONG_STREAM_TOKENS,
+        # Long enough to be running when the first text arrives, short enough to finish well
+        # inside the worker's 30 s shutdown grace on a loaded machine.
+        "max_tokens": 1000,
         "ignore_eos": True,
         "stream": True,
     }
@@ -276,3 +278,32 @@ async def test_sigterm_lets_the_stream_in_flight_finish_and_sends_new_work_elsew
             vllm_stack.stack.children.remove(child)
         finally:
             restart_worker(vllm_stack, draining)
+
+
+async def test_a_worker_whose_engine_dies_leaves_the_pool_and_exits_non_zero(vllm_stack: VllmStack) -> None:
+    edge(vllm_stack)
+    worker_id = "worker-1"
+    child = vllm_stack.stack.child(worker_id)
+    cores = [
+        p for p in psutil.Process(child.process.pid).children() if p.name().startswith("VLLM::EngineCor")
+    ]
+    assert len(cores) == 1, [p.name() for p in psutil.Process(child.process.pid).children()]
+    cores[0].kill()
+    try:
+        # The worker process exits non-zero (a supervisor restarts it) after leaving the pool.
+        assert await asyncio.to_thread(child.process.wait, 30) == 1
+        assert "engine failed" in child.log_file.read_text()
+
+        async def gone() -> bool:
+            return worker_id not in await leases(vllm_stack)
+
+        await until(gone, 10.0, "the dead worker leaving the picker's pool")
+        # New work goes to the other worker.
+        async with grpc.aio.insecure_channel(vllm_stack.edge) as channel:
+            reply = await pb_grpc.ModelServiceStub(channel).CreateChatCompletion(
+                chat(vllm_stack, max_tokens=4)
+            )
+        assert reply.usage.completion_tokens == 4
+        vllm_stack.stack.children.remove(child)
+    finally:
+        restart_worker(vllm_stack, worker_id)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from llmesh.common.config import LlmeshConfig, WorkerConfig
-from llmesh.common.server import run
+from llmesh.common.server import ServiceFailed, run
 from llmesh.common.tracing import setup_tracing
 
 SERVICES = ("registry", "auth", "scheduler", "worker")
@@ -44,6 +45,16 @@ def database_url(cfg: LlmeshConfig, data_dir: Path) -> str:
 
 
 def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
+    """Run one service until it is signalled (exit 0) or fails (exit 1, the reason on stderr)."""
+    try:
+        _serve(args, cfg)
+    except ServiceFailed as failed:
+        print(f"llmesh serve {args.service}: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace, cfg: LlmeshConfig) -> None:
     host = cfg.server.host
     setup_tracing(
         f"llmesh-{args.service}",
@@ -87,4 +98,3 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
             metrics_listen=cfg.metrics_listen("worker", index),
         )
         run(lambda: serve_worker(worker, args.ready_file))
-    return 0

@@ -59,7 +59,15 @@ class RunningServer:
     # (release engines and connections that in-flight RPCs still needed during the grace period).
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     after_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Why the service cannot go on (set by `fail`); `serve_until_signal` then stops it and raises.
+    failure: str = ""
+    _failed: asyncio.Event = field(default_factory=asyncio.Event)
     _stopped: bool = False
+
+    def fail(self, reason: str) -> None:
+        """The service cannot go on (a worker's engine died): stop serving and exit non-zero."""
+        self.failure = reason
+        self._failed.set()
 
     async def set_serving(self, serving: bool) -> None:
         """Flip health for the server and each of its services."""
@@ -155,9 +163,23 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
+class ServiceFailed(RuntimeError):
+    """A service stopped because it cannot go on (`RunningServer.fail`); its process exits non-zero
+    so a supervisor (Kubernetes, `llmesh up`'s user) sees it and restarts it."""
+
+
 async def serve_until_signal(running: RunningServer, grace: float, drain_delay: float = 0.0) -> None:
-    """Block until SIGTERM/SIGINT, then shut down gracefully (see `RunningServer.stop`)."""
-    await wait_for_signal()
+    """Block until SIGTERM/SIGINT, then shut down gracefully (see `RunningServer.stop`); raise
+    ServiceFailed after stopping at once if the service fails first."""
+    signalled = asyncio.ensure_future(wait_for_signal())
+    failed = asyncio.ensure_future(running._failed.wait())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (signalled, failed):
+        waiter.cancel()
+    if running.failure:
+        log.error("%s failed: %s; stopping", running.name, running.failure)
+        await running.stop(0)
+        raise ServiceFailed(f"{running.name}: {running.failure}")
     log.info("%s shutting down", running.name, extra={"grace_s": grace, "drain_delay_s": drain_delay})
     await running.stop(grace, drain_delay)
 
@@ -174,6 +196,7 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 __all__ = [
     "RunningServer",
+    "ServiceFailed",
     "grpc",
     "run",
     "serve_until_signal",

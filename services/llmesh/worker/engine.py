@@ -320,6 +320,16 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class Supervised(Protocol):
+    """An engine whose work runs in processes of its own, which can die while the worker lives on
+    (vLLM's engine core). The worker watches it (llmesh.worker.engine_watch)."""
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its process exited), or None while it can."""
+        ...
+
+
+@runtime_checkable
 class ToolCalling(Protocol):
     """An engine that renders tools and finds tool calls in its output (GenerationRequest.tool_choice).
 

@@ -26,6 +26,7 @@ class LeaseReporter:
         self._channel = insecure_channel(scheduler_address)
         self._stub = sched_grpc.SchedulerServiceStub(self._channel)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def cancelled(self, lease_id: str, prompt_tokens: int, completion_tokens: int) -> None:
         request = sched_pb.ReleaseRequest(
@@ -34,6 +35,11 @@ class LeaseReporter:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
+        if self._closed:
+            # A stream cut by the end of the shutdown grace: the scheduler's own end of the lease
+            # (Envoy's reset) still releases it, only without the usage.
+            log.warning("usage of cancelled lease %s not reported: the worker is stopping", lease_id)
+            return
         task = asyncio.get_running_loop().create_task(self._send(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -51,6 +57,7 @@ class LeaseReporter:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def close(self) -> None:
+        self._closed = True
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
         await self._channel.close(None)

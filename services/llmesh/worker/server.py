@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from llmesh.registry.membership import WorkerMembership
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb
 from llmesh.worker import convert
 from llmesh.worker.activity import Activity
-from llmesh.worker.engine import Engine
+from llmesh.worker.engine import Engine, Supervised
 from llmesh.worker.engine_factory import build_engine
+from llmesh.worker.engine_watch import watch_engine
 from llmesh.worker.lease_reporter import LeaseReporter
 from llmesh.worker.model_servicer import WorkerModelServicer
 from llmesh.worker.servicer import WorkerServicer
@@ -154,6 +157,23 @@ async def start_worker(config: WorkerServiceConfig, engine: Engine | None = None
         await membership.start()
         # Leave the registry first so the picker stops choosing us while in-flight streams finish.
         running.on_shutdown.append(leave_pool)
+    if isinstance(engine, Supervised):
+        server = running
+
+        async def engine_failed(reason: str) -> None:
+            log.error("engine failed; leaving the pool and exiting", extra={"reason": reason})
+            await leave_pool()
+            await server.set_serving(False)
+            server.fail(f"engine failed: {reason}")
+
+        watcher = asyncio.create_task(watch_engine(engine, engine_failed), name="engine-watch")
+
+        async def stop_watching() -> None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+        running.on_shutdown.append(stop_watching)
     return running
 
 

@@ -99,6 +99,11 @@ class VllmEmbeddingEngine:
     def dimensions(self) -> int:
         return self._dimensions
 
+    def failure(self) -> str | None:
+        """vLLM marks itself errored when its engine core process exits (its monitor thread)."""
+        llm = self._llm
+        return "vLLM's engine core process exited" if llm is not None and llm.errored else None
+
     def load(self) -> EngineLoad:
         return EngineLoad(
             running=len(self._in_flight),

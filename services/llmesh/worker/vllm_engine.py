@@ -158,6 +158,11 @@ class VllmEngine:
     def tool_parser(self) -> str:
         return self.settings.tool_parser
 
+    def failure(self) -> str | None:
+        """vLLM marks itself errored when its engine core process exits (its monitor thread)."""
+        llm = self._llm
+        return "vLLM's engine core process exited" if llm is not None and llm.errored else None
+
     def load(self) -> EngineLoad:
         unfinished = 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
         st = self._stats
