@@ -411,8 +411,11 @@ def _structured(spec: StructuredSpec | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    # JSON without free whitespace: a grammar that allows any whitespace lets a weak model emit
-    # newlines until max_tokens, and clients want the JSON, not the padding.
+    # Asks for JSON without free whitespace (a weak model otherwise pads with newlines until
+    # max_tokens), but vLLM 0.32's grammar backends read only the engine-wide
+    # structured_outputs_config.disable_any_whitespace (which needs backend "xgrammar" or
+    # "guidance", not "auto"), so per request this is a no-op today. Tool calls compile their schema
+    # to a whitespace-free grammar instead (tool_calls.py).
     if spec.kind == "json_schema":
         return StructuredOutputsParams(json=spec.value, disable_any_whitespace=True)
     if spec.kind == "regex":
