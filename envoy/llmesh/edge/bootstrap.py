@@ -20,8 +20,6 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakersThresholds,
     Cluster,
     ClusterCommonLbConfig,
-    ClusterDiscoveryType,
-    ClusterDnsLookupFamily,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
@@ -32,12 +30,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     SocketAddress,
 )
-from envoy_data_plane.envoy.config.endpoint.v3 import (
-    ClusterLoadAssignment,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
-from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint as EnvoyEndpoint
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
@@ -75,11 +67,10 @@ from llmesh.edge.filters import (
 )
 from llmesh.edge.settings import CATALOG_CLUSTER, GRPC_SERVICE_OF, MODEL_SERVICE, SERVICE_NAMES, EdgeSettings
 from llmesh.edge.tracing import collector_cluster, edge_tracing
+from llmesh.edge.upstreams import grpc_upstream
 from llmesh.edge.workers import (
     MAX_UPSTREAM_REQUESTS,
-    UPSTREAM_OPTIONS_KEY,
     WORKERS_CLUSTER,
-    http2_upstream_options,
     inference_paths,
     inference_routes,
     picker_filter,
@@ -278,35 +269,10 @@ def health_check(settings: EdgeSettings, grpc_service: str) -> HealthCheck:
 
 def cluster(settings: EdgeSettings, service: str) -> Cluster:
     """An HTTP/2 cluster for a control-plane `service`: STATIC for an IP, STRICT_DNS for a name."""
-    endpoint = settings.upstream(service)
-    extra: dict[str, Any] = {}
-    if endpoint.is_ip:
-        extra["type"] = ClusterDiscoveryType.STATIC
-    else:
-        extra["type"] = ClusterDiscoveryType.STRICT_DNS
-        extra["dns_lookup_family"] = ClusterDnsLookupFamily.V4_PREFERRED
-    return Cluster(
-        name=service,
-        connect_timeout=_seconds(settings.connect_timeout_s),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=service,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=EnvoyEndpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(
-                                        address=endpoint.dial_host, port_value=endpoint.port
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-        typed_extension_protocol_options={UPSTREAM_OPTIONS_KEY: typed(http2_upstream_options())},
+    return grpc_upstream(
+        service,
+        settings.upstream(service),
+        settings.connect_timeout_s,
         health_checks=[health_check(settings, GRPC_SERVICE_OF[service])],
         # Envoy's default (50%) would route to unhealthy hosts once most are down ("panic");
         # a NOT_SERVING service must get no traffic, so the client gets a clean 503 instead.
@@ -321,7 +287,6 @@ def cluster(settings: EdgeSettings, service: str) -> Cluster:
             ]
         ),
         per_connection_buffer_limit_bytes=settings.max_request_bytes,
-        **extra,
     )
 
 

@@ -8,12 +8,8 @@ so their server spans join the same trace. Without a collector nothing is traced
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterDnsLookupFamily
-from envoy_data_plane.envoy.config.core.v3 import Address, GrpcService, GrpcServiceEnvoyGrpc, SocketAddress
-from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints
-from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint as EnvoyEndpoint
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManagerTracing,
@@ -21,7 +17,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 
 from llmesh.edge.filters import typed
 from llmesh.edge.settings import EdgeSettings, Endpoint
-from llmesh.edge.workers import UPSTREAM_OPTIONS_KEY, http2_upstream_options
+from llmesh.edge.upstreams import grpc_upstream
 
 COLLECTOR_CLUSTER = "otlp_collector"
 TRACER = "envoy.tracers.opentelemetry"
@@ -32,27 +28,7 @@ EDGE_SERVICE_NAME = "llmesh-edge"
 def collector_cluster(settings: EdgeSettings) -> Cluster:
     """An HTTP/2 cluster for the OTLP collector at `settings.otlp_endpoint`."""
     endpoint = Endpoint.parse(settings.otlp_endpoint, "otlp_endpoint")
-    discovery = (
-        {"type": ClusterDiscoveryType.STATIC}
-        if endpoint.is_ip
-        else {
-            "type": ClusterDiscoveryType.STRICT_DNS,
-            "dns_lookup_family": ClusterDnsLookupFamily.V4_PREFERRED,
-        }
-    )
-    address = Address(socket_address=SocketAddress(address=endpoint.dial_host, port_value=endpoint.port))
-    return Cluster(
-        name=COLLECTOR_CLUSTER,
-        connect_timeout=timedelta(seconds=settings.connect_timeout_s),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=COLLECTOR_CLUSTER,
-            endpoints=[
-                LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=EnvoyEndpoint(address=address))])
-            ],
-        ),
-        typed_extension_protocol_options={UPSTREAM_OPTIONS_KEY: typed(http2_upstream_options())},
-        **discovery,
-    )
+    return grpc_upstream(COLLECTOR_CLUSTER, endpoint, settings.connect_timeout_s)
 
 
 def edge_tracing(settings: EdgeSettings) -> HttpConnectionManagerTracing:

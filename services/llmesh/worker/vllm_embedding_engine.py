@@ -30,7 +30,7 @@ from llmesh.worker.engine import (
     ModelInfo,
     find_model,
 )
-from llmesh.worker.vllm_engine import GiB, VllmSettings, launch_async_llm
+from llmesh.worker.vllm_engine import GiB, VllmSettings, engine_core_failure, launch_async_llm
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class VllmEmbeddingEngine:
         return self._dimensions
 
     def failure(self) -> str | None:
-        """vLLM marks itself errored when its engine core process exits (its monitor thread)."""
-        llm = self._llm
-        return "vLLM's engine core process exited" if llm is not None and llm.errored else None
+        return engine_core_failure(self._llm)
 
     def load(self) -> EngineLoad:
         return EngineLoad(

@@ -159,9 +159,7 @@ class VllmEngine:
         return self.settings.tool_parser
 
     def failure(self) -> str | None:
-        """vLLM marks itself errored when its engine core process exits (its monitor thread)."""
-        llm = self._llm
-        return "vLLM's engine core process exited" if llm is not None and llm.errored else None
+        return engine_core_failure(self._llm)
 
     def load(self) -> EngineLoad:
         unfinished = 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
@@ -404,6 +402,12 @@ async def launch_async_llm(
     if lowered:
         log.info("engine processes %s run at nice %d", lowered, engine_nice)
     return llm
+
+
+def engine_core_failure(llm: Any) -> str | None:
+    """Why an AsyncLLM can no longer serve, or None (None before start and after shutdown). vLLM
+    marks itself errored when its engine core process exits (its monitor thread)."""
+    return "vLLM's engine core process exited" if llm is not None and llm.errored else None
 
 
 def _structured(spec: StructuredSpec | None) -> Any:
