@@ -12,12 +12,15 @@ from dataclasses import dataclass, field, replace
 import grpc
 import pytest
 import redis
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf.message import Message
 from sqlalchemy.engine import make_url
 
+from llmesh.auth.limiter import Limiter, MemoryLimiter
 from llmesh.auth.migrate import VERSION_TABLE
+from llmesh.auth.redis_limiter import RedisLimiter
 from llmesh.auth.schema import metadata
 from llmesh.auth.server import AuthServiceConfig, Bootstrap, start_auth
 from llmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -100,6 +103,41 @@ def redis_url() -> Iterator[str]:
     finally:
         client.close()
     yield REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limiter_redis(request: pytest.FixtureRequest) -> str:
+    """ "" for the in-process limiter, else the real Redis URL."""
+    return "" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+
+
+class FakeClock:
+    """An injectable clock (seconds since the epoch) that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def fake_clock_limiter(limiter_redis: str) -> AsyncIterator[tuple[Limiter, FakeClock]]:
+    """A limiter on a FakeClock: in-process, or on the real Redis under a key prefix of its own."""
+    clock = FakeClock()
+    limiter: Limiter
+    ns = uuid.uuid4().hex[:8]
+    if limiter_redis:
+        client = aioredis.Redis.from_url(limiter_redis, socket_connect_timeout=2, socket_timeout=10)
+        limiter = RedisLimiter(client, prefix=f"llmesh-test:{{{ns}}}:", clock=clock)
+    else:
+        limiter = MemoryLimiter(clock)
+    yield limiter, clock
+    if limiter_redis:
+        keys = [k async for k in client.scan_iter(match=f"llmesh-test:\\{{{ns}\\}}:*")]
+        if keys:
+            await client.delete(*keys)
+    await limiter.close()
 
 
 @dataclass

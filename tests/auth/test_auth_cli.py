@@ -70,3 +70,43 @@ async def test_create_key_with_models_and_limits_then_usage(
         "22",
         "33",
     ]
+
+
+async def test_create_key_with_max_parallel_and_a_weekly_budget(
+    make_auth: AuthFactory,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LLMESH_DATABASE__URL", sqlite_url)
+    assert main(["auth", "create-user", "lee"]) == 0
+    capsys.readouterr()
+    argv = ["auth", "create-key", "--user", "lee", "--max-parallel", "1", "--budget", "5000/week"]
+    assert main(argv) == 0
+    key = capsys.readouterr().out.strip()
+    assert main(["auth", "create-key", "--user", "lee", "--max-parallel", "-1"]) == 1
+    assert ">= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["auth", "create-key", "--user", "lee", "--budget", "5000/fortnight"])
+
+    a = await make_auth(database_url=sqlite_url)
+    keys = (
+        await a.auth.ListApiKeys(pb.ListApiKeysRequest(), metadata=(("authorization", f"Bearer {key}"),))
+    ).keys
+    assert [(k.limits.max_parallel, k.limits.budget_tokens, k.limits.budget_period) for k in keys] == [
+        (1, 5000, pb.BUDGET_PERIOD_WEEK)
+    ]
+    auth = {"authorization": f"Bearer {key}"}
+    first = await a.authz.Check(check_request(CHAT, auth, chat()))
+    assert first.status.code == code_pb2.OK
+    second = await a.authz.Check(check_request(CHAT, auth, chat()))
+    assert second.status.code == code_pb2.RESOURCE_EXHAUSTED and "parallel" in second.denied_response.body
+    await a.auth.RecordUsage(
+        pb.RecordUsageRequest(
+            request_id=header_map(first)["x-llmesh-request-id"],
+            prompt_tokens=3,
+            completion_tokens=4,
+            outcome="cancelled",
+        )
+    )
+    assert (await a.authz.Check(check_request(CHAT, auth, chat()))).status.code == code_pb2.OK

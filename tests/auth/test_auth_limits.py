@@ -4,61 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from google.rpc import code_pb2
 
 from llmesh.auth.limiter import (
     BudgetUnseeded,
-    Limiter,
     LimitExceeded,
-    MemoryLimiter,
     Reservation,
     Scope,
     period_of,
 )
 from llmesh.auth.principal import Limits
-from llmesh.auth.redis_limiter import RedisLimiter
 from llmesh.auth.request_body import demand_of
 from llmesh.auth.v1 import auth_service_pb2 as pb
 from tests.auth.conftest import AuthClient, AuthFactory, bearer, check_request, grpc_frame, header_map
 from tests.auth.test_auth_ext_authz import CHAT, _user_key, chat
-
-
-@pytest.fixture(params=["memory", "redis"])
-def limiter_redis(request: pytest.FixtureRequest) -> str:
-    """ "" for the in-process limiter, else the real Redis URL."""
-    return "" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def fake_clock_limiter(limiter_redis: str):  # type: ignore[no-untyped-def]
-    clock = FakeClock()
-    limiter: Limiter
-    ns = uuid.uuid4().hex[:8]
-    if limiter_redis:
-        client = aioredis.Redis.from_url(limiter_redis, socket_connect_timeout=2, socket_timeout=10)
-        limiter = RedisLimiter(client, prefix=f"llmesh-test:{{{ns}}}:", clock=clock)
-    else:
-        limiter = MemoryLimiter(clock)
-    yield limiter, clock
-    if limiter_redis:
-        keys = [k async for k in client.scan_iter(match=f"llmesh-test:\\{{{ns}\\}}:*")]
-        if keys:
-            await client.delete(*keys)
-    await limiter.close()
 
 
 def _res(rid: str, limits: Limits, tokens: int = 10) -> Reservation:

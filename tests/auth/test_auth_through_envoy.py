@@ -31,7 +31,14 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
-async def make_key(stack: ScriptedStack, username: str, *, models: tuple[str, ...] = (), rpm: int = 0) -> str:
+async def make_key(
+    stack: ScriptedStack,
+    username: str,
+    *,
+    models: tuple[str, ...] = (),
+    rpm: int = 0,
+    limits: auth_pb.Limits | None = None,
+) -> str:
     """A user-role account with one API key, created by the admin through the edge."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}") as channel:
         auth = auth_grpc.AuthServiceStub(channel)
@@ -44,7 +51,7 @@ async def make_key(stack: ScriptedStack, username: str, *, models: tuple[str, ..
                 name="test",
                 user_id=user.user.user_id,
                 allowed_models=list(models),
-                limits=auth_pb.Limits(requests_per_minute=rpm),
+                limits=limits or auth_pb.Limits(requests_per_minute=rpm),
             ),
             metadata=admin,
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from llmesh.auth.apikeys import model_allowed
 from llmesh.auth.ledger import OUTCOMES, Ledger, UsageRecord, check_request_id
-from llmesh.auth.limiter import BudgetUnseeded, Limiter, Reservation, Scope, period_start_day
+from llmesh.auth.limiter import BudgetUnseeded, Limiter, Reservation, Scope
 from llmesh.auth.principal import Principal
 from llmesh.auth.request_body import Demand
 from llmesh.auth.schema import ID_LEN
@@ -108,12 +108,11 @@ class Admission:
     async def _seed(self, missing: BudgetUnseeded) -> None:
         """Start a budget counter from the ledger: a restart or a lost Redis must not reset budgets."""
         kind, _, ident = missing.scope.name.partition(":")
-        since = period_start_day(missing.scope.limits.budget_period, time.time())
         spent = await asyncio.to_thread(
             self._ledger.spent,
             key_id=ident if kind == "k" else "",
             user_id=ident if kind == "u" else "",
-            since_day=since,
+            since_day=missing.since_day,
         )
         await self._limiter.seed_budget(missing.scope.name, missing.period_id, spent)
         log.info("budget counter seeded from the ledger", extra={"scope": missing.scope.name, "spent": spent})

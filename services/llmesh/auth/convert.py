@@ -11,17 +11,19 @@ from llmesh.auth.ledger import UsageTotal
 from llmesh.auth.principal import ROLE_ADMIN, ROLE_USER, Limits, Principal
 from llmesh.auth.users import User
 from llmesh.auth.v1 import auth_service_pb2 as pb
+from llmesh.common.errors import InvalidRequest
 
 PERIOD_TO_PROTO = {
     "none": pb.BUDGET_PERIOD_NONE,
     "day": pb.BUDGET_PERIOD_DAY,
+    "week": pb.BUDGET_PERIOD_WEEK,
     "month": pb.BUDGET_PERIOD_MONTH,
-    # v1 has no WEEK value; weekly budgets (set by the CLI) show as UNSPECIFIED.
 }
 PERIOD_FROM_PROTO = {
     pb.BUDGET_PERIOD_UNSPECIFIED: "none",
     pb.BUDGET_PERIOD_NONE: "none",
     pb.BUDGET_PERIOD_DAY: "day",
+    pb.BUDGET_PERIOD_WEEK: "week",
     pb.BUDGET_PERIOD_MONTH: "month",
 }
 ROLE_TO_PROTO = {ROLE_USER: pb.ROLE_USER, ROLE_ADMIN: pb.ROLE_ADMIN}
@@ -42,16 +44,21 @@ def limits_to_proto(limits: Limits) -> pb.Limits:
         tokens_per_minute=limits.tpm,
         budget_tokens=limits.budget_tokens,
         budget_period=PERIOD_TO_PROTO.get(limits.budget_period, pb.BUDGET_PERIOD_UNSPECIFIED),
+        max_parallel=limits.max_parallel,
     )
 
 
-def limits_from_proto(limits: pb.Limits, *, max_parallel: int = 0) -> Limits:
+def limits_from_proto(limits: pb.Limits) -> Limits:
+    if limits.budget_period not in PERIOD_FROM_PROTO:
+        raise InvalidRequest(
+            f"limits.budget_period {limits.budget_period} is not a BudgetPeriod (NONE, DAY, WEEK or MONTH)"
+        )
     return Limits(
         rpm=limits.requests_per_minute,
         tpm=limits.tokens_per_minute,
         budget_tokens=limits.budget_tokens,
-        budget_period=PERIOD_FROM_PROTO.get(limits.budget_period, "none"),
-        max_parallel=max_parallel,
+        budget_period=PERIOD_FROM_PROTO[limits.budget_period],
+        max_parallel=limits.max_parallel,
     )
 
 

@@ -90,10 +90,12 @@ class BudgetUnseeded(Exception):
     """A budget counter this limiter does not hold yet (new process, Redis restarted or expired):
     the caller seeds it from the ledger with `Limiter.seed_budget` and reserves again."""
 
-    def __init__(self, scope: Scope, period_id: str) -> None:
+    def __init__(self, scope: Scope, period_id: str, since_day: str) -> None:
         super().__init__(f"budget counter {scope.name}:{period_id} is not seeded")
         self.scope = scope
         self.period_id = period_id
+        # First day of the period (the limiter's clock), for the ledger sum; "" for a lifetime budget.
+        self.since_day = since_day
 
 
 def period_start_day(period: str, now: float) -> str:
@@ -213,7 +215,7 @@ class MemoryLimiter(Limiter):
                     raise LimitExceeded("tpm", s.name, 60 - second)
             if lim.budget_tokens:
                 if (s.name, r.periods[s.name]) not in self._budget:
-                    raise BudgetUnseeded(s, r.periods[s.name])
+                    raise BudgetUnseeded(s, r.periods[s.name], period_start_day(lim.budget_period, now))
                 used = self._budget[(s.name, r.periods[s.name])]
                 if used + r.tokens > lim.budget_tokens:
                     raise LimitExceeded("budget", s.name, period_of(lim.budget_period, now)[1])

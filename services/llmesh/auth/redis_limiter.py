@@ -13,7 +13,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from llmesh.auth.limiter import BudgetUnseeded, Limiter, LimitExceeded, Reservation, period_of, prepared
+from llmesh.auth.limiter import (
+    BudgetUnseeded,
+    Limiter,
+    LimitExceeded,
+    Reservation,
+    period_of,
+    period_start_day,
+    prepared,
+)
 from llmesh.common.errors import DependencyDown, OverCapacity
 
 DEFAULT_PREFIX = "llmesh:{auth}:"
@@ -166,7 +174,7 @@ class RedisLimiter(Limiter):
             return r
         if status == "unseeded":
             unseeded = next(s for s in r.scopes if s.name == _s(out[1]))
-            raise BudgetUnseeded(unseeded, _s(out[2]))
+            raise BudgetUnseeded(unseeded, _s(out[2]), period_start_day(unseeded.limits.budget_period, now))
         if status == "dup":
             raise OverCapacity(f"request id {r.request_id} already holds a reservation")
         limit, scope, retry = _s(out[1]), _s(out[2]), _s(out[3])

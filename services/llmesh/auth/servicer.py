@@ -233,7 +233,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         before = await asyncio.to_thread(self._users.require, request.user_id)
         limits = None
         if request.HasField("limits"):
-            limits = limits_from_proto(request.limits, max_parallel=before.limits.max_parallel)
+            limits = limits_from_proto(request.limits)
         user = await asyncio.to_thread(
             self._users.update,
             request.user_id,

@@ -20,6 +20,8 @@ from llmesh.common.errors import Conflict, InvalidRequest, NotFound
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024  # argon2 accepts anything; a cap keeps hashing cheap to refuse
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,15 @@ def check_password(password: str) -> None:
 
 
 def check_limits(limits: Limits) -> None:
-    if min(limits.rpm, limits.tpm, limits.budget_tokens, limits.max_parallel) < 0:
+    counts = (limits.rpm, limits.tpm, limits.max_parallel)
+    if min(*counts, limits.budget_tokens) < 0:
         raise InvalidRequest("limits must be >= 0 (0 means no limit)")
+    # The columns are SQL INTEGER / BIGINT (signed) on every backend.
+    if max(counts) > MAX_INT32 or limits.budget_tokens > MAX_INT64:
+        raise InvalidRequest(
+            f"limits too large: requests, tokens per minute and max_parallel at most {MAX_INT32}, "
+            f"budget_tokens at most {MAX_INT64}"
+        )
     if limits.budget_period not in PERIODS:
         raise InvalidRequest(f"budget period {limits.budget_period!r} is not one of {list(PERIODS)}")
 

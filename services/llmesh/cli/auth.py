@@ -50,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     key.add_argument("--rpm", type=int, default=0, help="requests per minute (0: none)")
     key.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: none)")
     key.add_argument("--budget", type=parse_budget, help="token budget, e.g. 50000/month (day, week, month)")
-    key.add_argument("--parallel", type=int, default=0, help="requests at once (0: none)")
+    key.add_argument(
+        "--max-parallel",
+        "--parallel",
+        dest="max_parallel",
+        type=int,
+        default=0,
+        help="requests in flight at once (0: none)",
+    )
     key.add_argument("--ttl-days", type=float, default=0, help="expire after this many days (0: never)")
 
     user = sub.add_parser(
@@ -104,7 +111,7 @@ def _create_key(args: argparse.Namespace, users: UserStore, keys: ApiKeyStore) -
         return 1
     budget, period = args.budget or (0, "none")
     limits = Limits(
-        rpm=args.rpm, tpm=args.tpm, budget_tokens=budget, budget_period=period, max_parallel=args.parallel
+        rpm=args.rpm, tpm=args.tpm, budget_tokens=budget, budget_period=period, max_parallel=args.max_parallel
     )
     key, secret = keys.create(
         owner.user_id,

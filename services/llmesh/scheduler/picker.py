@@ -185,6 +185,19 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             lease = await self._pool.acquire(demand, wait)
         except LlmeshError as error:
             log.info("request refused", extra={"error": error.message, "code": status_for(error).name})
+            if hdrs.get(headers.REQUEST_ID):
+                # AuthService admitted it (and minted the id): settle its reservation now (budget,
+                # credits, a max_parallel slot), not when the reservation times out.
+                refused = UsageReport(
+                    request_id=exchange.request_id,
+                    model="",
+                    worker_id="",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    outcome="rejected",
+                    tenant=exchange.tenant,
+                )
+                self._usage.report(refused)
             return immediate_error(error)
         exchange.lease = lease
         exchange.prompt_estimate = facts.prompt_tokens

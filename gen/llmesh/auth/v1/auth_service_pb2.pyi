@@ -23,6 +23,7 @@ class BudgetPeriod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BUDGET_PERIOD_NONE: _ClassVar[BudgetPeriod]
     BUDGET_PERIOD_DAY: _ClassVar[BudgetPeriod]
     BUDGET_PERIOD_MONTH: _ClassVar[BudgetPeriod]
+    BUDGET_PERIOD_WEEK: _ClassVar[BudgetPeriod]
 ROLE_UNSPECIFIED: Role
 ROLE_USER: Role
 ROLE_ADMIN: Role
@@ -30,18 +31,21 @@ BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod
 BUDGET_PERIOD_NONE: BudgetPeriod
 BUDGET_PERIOD_DAY: BudgetPeriod
 BUDGET_PERIOD_MONTH: BudgetPeriod
+BUDGET_PERIOD_WEEK: BudgetPeriod
 
 class Limits(_message.Message):
-    __slots__ = ("requests_per_minute", "tokens_per_minute", "budget_tokens", "budget_period")
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "budget_tokens", "budget_period", "max_parallel")
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     requests_per_minute: int
     tokens_per_minute: int
     budget_tokens: int
     budget_period: BudgetPeriod
-    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., budget_period: _Optional[_Union[BudgetPeriod, str]] = ...) -> None: ...
+    max_parallel: int
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., budget_period: _Optional[_Union[BudgetPeriod, str]] = ..., max_parallel: _Optional[int] = ...) -> None: ...
 
 class User(_message.Message):
     __slots__ = ("user_id", "username", "role", "credits", "limits", "created_at", "disabled")
