@@ -185,3 +185,102 @@ async def test_the_side_port_serves_the_counters_in_prometheus_text(served) -> N
         assert "process_cpu_seconds_total" in response.text
     finally:
         endpoint.close()
+
+
+async def test_client_streams_through_the_channel_factory_count_when_they_end(served) -> None:
+    """Server-streaming calls (the registry watch's shape) on the client side: counted once when
+    they end, by final status, whether read with `async for` or `read()`, or cancelled."""
+    double, running, _ = served
+    channel = insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.RegistryServiceStub(channel)
+    codes = [c.name for c in grpc.StatusCode]
+
+    def ended() -> dict[str, float]:
+        return {code: handled("WatchWorkers", code, "server_stream", "client") for code in codes}
+
+    def started() -> float:
+        labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "WatchWorkers"}
+        return REGISTRY.get_sample_value("grpc_client_started_total", labels) or 0.0
+
+    before, began = ended(), started()
+    events = [e async for e in stub.WatchWorkers(pb.WatchWorkersRequest(model="end"))]
+    assert len(events) == 1
+    await until(lambda: ended()["OK"] == before["OK"] + 1)
+
+    call = stub.WatchWorkers(pb.WatchWorkersRequest(model="fail"))
+    assert (await call.read()).type == pb.WORKER_EVENT_TYPE_SNAPSHOT_END
+    with pytest.raises(aio.AioRpcError) as failed:
+        await call.read()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    await until(lambda: ended()["UNAVAILABLE"] == before["UNAVAILABLE"] + 1)
+
+    call = stub.WatchWorkers(pb.WatchWorkersRequest(model="hang"))
+    await call.read()
+    await asyncio.wait_for(double.hanging.wait(), 5)
+    assert ended()["CANCELLED"] == before["CANCELLED"]  # open: started, not yet ended
+    call.cancel()
+    await until(lambda: ended()["CANCELLED"] == before["CANCELLED"] + 1)
+
+    after = ended()
+    assert {c: after[c] - before[c] for c in codes if after[c] != before[c]} == {
+        "OK": 1,
+        "UNAVAILABLE": 1,
+        "CANCELLED": 1,
+    }
+    assert started() == began + 3
+    assert latency_count("WatchWorkers", "server_stream", "client") >= 3
+    await channel.close(None)
+
+
+ECHO = "/llmesh.test.Echo/Chat"
+
+
+async def test_bidi_client_streams_are_counted_and_keep_write_and_read() -> None:
+    """A bidirectional stream through the channel factory: write()/done_writing()/read() work as on
+    a plain channel, and the call counts once with its final status."""
+
+    async def chat(requests, context: aio.ServicerContext):
+        async for request in requests:
+            if request == b"fail":
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "told to fail")
+            yield request.upper()
+
+    server = aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "llmesh.test.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(chat)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = insecure_channel(f"127.0.0.1:{port}")
+
+    def count(code: str) -> float:
+        labels = {"grpc_type": "bidi_stream", "grpc_service": "llmesh.test.Echo", "grpc_method": "Chat"}
+        return REGISTRY.get_sample_value("grpc_client_handled_total", {**labels, "grpc_code": code}) or 0.0
+
+    ok, failed = count("OK"), count("FAILED_PRECONDITION")
+    try:
+        call = channel.stream_stream(ECHO)()
+        await call.write(b"hi")
+        assert await call.read() == b"HI"
+        await call.done_writing()
+        assert await call.read() is aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        await until(lambda: count("OK") == ok + 1)
+
+        replies = [r async for r in channel.stream_stream(ECHO)(iter([b"a", b"b"]))]
+        assert replies == [b"A", b"B"]
+        await until(lambda: count("OK") == ok + 2)
+
+        call = channel.stream_stream(ECHO)(iter([b"fail"]))
+        with pytest.raises(aio.AioRpcError) as error:
+            await call.read()
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await until(lambda: count("FAILED_PRECONDITION") == failed + 1)
+        assert count("OK") == ok + 2
+    finally:
+        await channel.close(None)
+        await server.stop(None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc import aio
 
-from llmesh.common.grpc_metrics import ClientMetricsInterceptor
+from llmesh.common.grpc_metrics import client_metrics_interceptors
 from llmesh.common.tracing import client_interceptors
 
 
@@ -26,10 +26,10 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 def insecure_channel(address: str) -> aio.Channel:
-    """An asyncio client channel with llmesh's keepalive settings, its unary calls counted (and
+    """An asyncio client channel with llmesh's keepalive settings, its calls counted (and
     traced, with `traceparent` sent, when tracing is on)."""
     return aio.insecure_channel(
         address,
         options=channel_options(),
-        interceptors=[ClientMetricsInterceptor(), *client_interceptors()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
+        interceptors=[*client_metrics_interceptors(), *client_interceptors()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
     )

@@ -6,7 +6,8 @@ and the `grpc_client_*` counterparts, labelled `grpc_type`, `grpc_service`, `grp
 
 A streaming RPC is counted when it ends, with its final status (OK, the status it aborted with,
 CANCELLED when the client went away, UNKNOWN for an unhandled exception), and its latency is the
-stream's whole life. Nothing is done per streamed message: the token path pays one generator hop.
+stream's whole life; on the client side too (the registry watch, any stream between services).
+Nothing is done per streamed message: a server stream pays one generator hop, a client stream none.
 """
 
 from __future__ import annotations
@@ -61,17 +62,17 @@ SERVER_SECONDS = Histogram(
     registry=REGISTRY,
 )
 CLIENT_STARTED = Counter(
-    "grpc_client_started", "Unary RPCs this process started as a client.", _LABELS, registry=REGISTRY
+    "grpc_client_started", "RPCs this process started as a client.", _LABELS, registry=REGISTRY
 )
 CLIENT_HANDLED = Counter(
     "grpc_client_handled",
-    "Unary RPCs this process made as a client, by the status it got.",
+    "RPCs this process made as a client, by the status it got (streams count when they end).",
     (*_LABELS, "grpc_code"),
     registry=REGISTRY,
 )
 CLIENT_SECONDS = Histogram(
     "grpc_client_handling_seconds",
-    "Time from a client RPC's start to its status.",
+    "Time from a client RPC's start to its status (a stream's whole life).",
     _LABELS,
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
@@ -209,31 +210,27 @@ class ServerMetricsInterceptor(aio.ServerInterceptor):
         return handler
 
 
-class ClientMetricsInterceptor(aio.UnaryUnaryClientInterceptor):
-    """Counts and times the unary RPCs a channel makes (the control-plane calls between services).
-
-    Streaming client calls are left alone: grpc.aio's intercepted stream calls change how
-    responses may be read, and the long-lived watch streams are better seen on the server side.
-    """
+class _ClientCalls:
+    """Counts the calls of one channel, whatever their shape: started when made, handled with
+    their final status when they end (a done callback, which every grpc.aio call has). The call
+    continuation made is handed back as it is, not wrapped in a generator, so callers read
+    (`async for`, `read()`), write and cancel as on any call, and no message pays a hop."""
 
     def __init__(self) -> None:
         self._methods: dict[str, _MethodMetrics] = {}
         self._pending: set[asyncio.Future[None]] = set()
 
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[aio.ClientCallDetails, Any], Awaitable[aio.UnaryUnaryCall]],
-        client_call_details: aio.ClientCallDetails,
-        request: Any,
-    ) -> aio.UnaryUnaryCall:
-        raw = client_call_details.method
+    async def count(
+        self, kind: str, continuation: Callable[..., Any], details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        raw = details.method
         method = raw.decode() if isinstance(raw, bytes) else str(raw)
         m = self._methods.get(method)
         if m is None:
-            m = self._methods[method] = _MethodMetrics("unary", method, server=False)
-        began = time.perf_counter()
+            m = self._methods[method] = _MethodMetrics(kind, method, server=False)
         m.started.inc()
-        call = await continuation(client_call_details, request)
+        began = time.perf_counter()
+        call = await continuation(details, request)
 
         def record(done: aio.Call) -> None:
             # The call is over; code() is a coroutine that returns at once. Held until it ran, as
@@ -244,6 +241,71 @@ class ClientMetricsInterceptor(aio.UnaryUnaryClientInterceptor):
 
         call.add_done_callback(record)
         return call
+
+
+# grpc.aio files an interceptor under one call shape only: one class per shape, all counting into
+# the channel's `_ClientCalls`. (grpc-stubs type the continuations as synchronous; grpc.aio awaits
+# them, and its stream-unary hook's return type is wrong there: hence `Any`.)
+
+
+class ClientMetricsInterceptor(aio.UnaryUnaryClientInterceptor):
+    """Counts and times the unary RPCs a channel makes (the control-plane calls between services)."""
+
+    def __init__(self, calls: _ClientCalls | None = None) -> None:
+        self._calls = calls or _ClientCalls()
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._calls.count("unary", continuation, client_call_details, request)
+
+
+class _ClientStreamMetrics(aio.UnaryStreamClientInterceptor):
+    """Server-streaming calls (the registry watch), counted when they end (CANCELLED when the
+    caller cancelled); their latency is the stream's whole life."""
+
+    def __init__(self, calls: _ClientCalls) -> None:
+        self._calls = calls
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._calls.count("server_stream", continuation, client_call_details, request)
+
+
+class _ClientBidiMetrics(aio.StreamStreamClientInterceptor):
+    """Bidirectional streams, counted as `_ClientStreamMetrics` counts."""
+
+    def __init__(self, calls: _ClientCalls) -> None:
+        self._calls = calls
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await self._calls.count("bidi_stream", continuation, client_call_details, requests)
+
+
+class _ClientUploadMetrics(aio.StreamUnaryClientInterceptor):
+    """Client-streaming calls, counted as `_ClientStreamMetrics` counts."""
+
+    def __init__(self, calls: _ClientCalls) -> None:
+        self._calls = calls
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await self._calls.count("client_stream", continuation, client_call_details, requests)
+
+
+def client_metrics_interceptors() -> list[Any]:
+    """One channel's client interceptors counting every call by method and final status."""
+    calls = _ClientCalls()
+    return [
+        ClientMetricsInterceptor(calls),
+        _ClientStreamMetrics(calls),
+        _ClientBidiMetrics(calls),
+        _ClientUploadMetrics(calls),
+    ]
 
 
 async def _record_client(call: aio.Call, metrics: _MethodMetrics, seconds: float) -> None:
