@@ -51,6 +51,7 @@ ADMIN: frozenset[str] = frozenset(
         SCHEDULER + "GetSchedulerStatus",
         SCHEDULER + "GetScalingSignals",
         SCHEDULER + "SetRoutingPolicy",
+        SCHEDULER + "GetMetricsSummary",
     }
 )
 

@@ -24,6 +24,10 @@ SSE = "x-llmesh-sse"
 PROMPT_TOKENS = "x-llmesh-prompt-tokens"
 COMPLETION_TOKENS = "x-llmesh-completion-tokens"
 WORKER_ID = "x-llmesh-worker-id"
+# The worker's timing of a generation, in microseconds: arrival to first chunk, first to last chunk
+# (the picker's latency percentiles; absent when no chunk came).
+TTFT_US = "x-llmesh-ttft-us"
+DECODE_US = "x-llmesh-decode-us"
 # The caller's own id, echoed for logs only.
 CLIENT_REQUEST_ID = "x-request-id"
 

@@ -36,6 +36,7 @@ from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.picker_request import INFERENCE_METHODS, read_request
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
+from llmesh.scheduler.traffic import TrafficSummary
 from llmesh.scheduler.usage import UsageReport
 from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
@@ -59,6 +60,7 @@ _HTTP_STATUS = {
 # nothing about the worker's health; only its own failures do (Envoy's outlier detection ejects).
 _CALLER_STATUSES = frozenset({3, 5, 8, 9, 11})  # INVALID_ARGUMENT NOT_FOUND RESOURCE_EXHAUSTED ...
 _CANCEL_STATUSES = frozenset({1, 4})  # CANCELLED, DEADLINE_EXCEEDED
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 _APPEND = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -122,12 +124,19 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
     """Chooses the worker for each request Envoy holds, and holds its lease while it streams."""
 
     def __init__(
-        self, pool: WorkerPool, catalog: ModelCatalog, usage: UsageDesk, *, max_queue_wait_s: float
+        self,
+        pool: WorkerPool,
+        catalog: ModelCatalog,
+        usage: UsageDesk,
+        *,
+        max_queue_wait_s: float,
+        traffic: TrafficSummary | None = None,
     ) -> None:
         self._pool = pool
         self._catalog = catalog
         self._usage = usage
         self._max_queue_wait_s = max_queue_wait_s
+        self._traffic = traffic
 
     async def Process(
         self, request_iterator: AsyncIterator[ext_pb.ProcessingRequest], context: aio.ServicerContext
@@ -166,10 +175,12 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         # strips client-sent x-llmesh-* headers, so this is never a caller's value.
         exchange.request_id = hdrs.get(headers.REQUEST_ID) or uuid.uuid4().hex
         exchange.tenant = hdrs.get("x-llmesh-tenant", "")
+        model_name = ""
         try:
             facts = read_request(hdrs.get(":path", ""), body, hdrs.get("grpc-encoding", ""))
             self._pool.check_synced()
             model = await self._catalog.resolve(facts.model)
+            model_name = model.name
             demand = Demand(
                 request_id=exchange.request_id,
                 model=model.name,
@@ -184,7 +195,10 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                 wait = min(wait, deadline * 0.9)
             lease = await self._pool.acquire(demand, wait)
         except LlmeshError as error:
-            log.info("request refused", extra={"error": error.message, "code": status_for(error).name})
+            code = status_for(error).name
+            log.info("request refused", extra={"error": error.message, "code": code})
+            if self._traffic is not None:
+                self._traffic.refused(model_name, code)
             if hdrs.get(headers.REQUEST_ID):
                 # AuthService admitted it (and minted the id): settle its reservation now (budget,
                 # credits, a max_parallel slot), not when the reservation times out.
@@ -222,14 +236,19 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         exchange.lease = None
         trailers = exchange.trailers
         served_by = lease.worker_id
+        timing: tuple[float, float] | None = None
         if trailers is None:
             outcome, prompt, completion = "cancelled", exchange.prompt_estimate, 0
             release_outcome = scheduler_pb2.OUTCOME_CANCELLED
+            status_name = grpc.StatusCode.CANCELLED.name
         else:
             prompt = _int(trailers.get(headers.PROMPT_TOKENS))
             completion = _int(trailers.get(headers.COMPLETION_TOKENS))
             served_by = trailers.get(headers.WORKER_ID) or lease.worker_id
             status = _int(trailers.get("grpc-status"))
+            status_name = _STATUS_NAMES.get(status, grpc.StatusCode.UNKNOWN.name)
+            if headers.TTFT_US in trailers:
+                timing = (_int(trailers[headers.TTFT_US]) / 1e6, _int(trailers.get(headers.DECODE_US)) / 1e6)
             if status == 0:
                 outcome, release_outcome = "success", scheduler_pb2.OUTCOME_SUCCESS
             elif status in _CALLER_STATUSES:
@@ -250,6 +269,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             completion_tokens=completion,
             outcome=outcome,
             tenant=exchange.tenant,
+            status=status_name,
+            timing_s=timing,
         )
         if trailers is None:
             self._usage.report_untrailed(lease.lease_id, report)

@@ -290,10 +290,17 @@ class WorkerPool:
         """Whether the worker is in its post-failure cool-down."""
         return worker.ejected_until > self._clock()
 
+    def worker_state(self, worker: PoolWorker) -> str:
+        """cordoned, ejected (cooling down after a failure), full (at capacity) or ready."""
+        if worker.cordoned:
+            return "cordoned"
+        if self.is_ejected(worker):
+            return "ejected"
+        return "full" if worker.active >= worker.capacity else "ready"
+
     def metrics_snapshot(self) -> metrics.PoolSnapshot:
         """Waiting requests by (model, priority), leases by model, workers by (model, state), for
         the metrics collector (which calls it on the event loop)."""
-        now = self._clock()
         snap = metrics.PoolSnapshot()
         workers = list(self._workers.values())
         for model in {m for w in workers for m in w.models}:
@@ -305,15 +312,7 @@ class WorkerPool:
         for lease in list(self._leases.values()):
             snap.leases[lease.model] = snap.leases.get(lease.model, 0) + 1
         for w in workers:
-            state_name = (
-                "cordoned"
-                if w.cordoned
-                else "ejected"
-                if w.ejected_until > now
-                else "full"
-                if w.active >= w.capacity
-                else "ready"
-            )
+            state_name = self.worker_state(w)
             for model in w.models:
                 snap.workers[(model, state_name)] = snap.workers.get((model, state_name), 0) + 1
         return snap

@@ -27,6 +27,7 @@ from llmesh.scheduler.picker import EndpointPicker
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.registry_watch import RegistryWatch
 from llmesh.scheduler.servicer import SchedulerServicer
+from llmesh.scheduler.traffic import TrafficSummary
 from llmesh.scheduler.usage import AuthUsageSink, LogUsageSink
 from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
@@ -118,9 +119,15 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
     )
     # Usage goes to AuthService's ledger when auth is on (it settles the request's reservation).
     sink = AuthUsageSink(config.auth_address) if config.auth_address else LogUsageSink()
-    desk = UsageDesk(sink)
-    servicer = SchedulerServicer(pool, catalog, max_queue_wait_s=config.max_queue_wait_seconds, usage=desk)
-    picker = EndpointPicker(pool, catalog, desk, max_queue_wait_s=config.max_queue_wait_seconds)
+    # What GET /v1/monitoring/metrics sums up: fed by the picker and the desk.
+    summary = TrafficSummary()
+    desk = UsageDesk(sink, traffic=summary)
+    servicer = SchedulerServicer(
+        pool, catalog, max_queue_wait_s=config.max_queue_wait_seconds, usage=desk, traffic=summary
+    )
+    picker = EndpointPicker(
+        pool, catalog, desk, max_queue_wait_s=config.max_queue_wait_seconds, traffic=summary
+    )
     endpoints = WorkerEndpoints(pool)
 
     def add(server: aio.Server) -> list[str]:

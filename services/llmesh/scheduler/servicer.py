@@ -1,4 +1,4 @@
-"""SchedulerService RPCs: Acquire, Release, GetSchedulerStatus, SetRoutingPolicy.
+"""SchedulerService RPCs: Acquire, Release, GetSchedulerStatus, SetRoutingPolicy, GetMetricsSummary.
 
 GetScalingSignals is not overridden: the generated base raises NotImplementedError, which the
 runtime's interceptor answers with UNIMPLEMENTED.
@@ -15,6 +15,7 @@ from llmesh.common.errors import InvalidRequest
 from llmesh.scheduler.catalog import ModelCatalog
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
+from llmesh.scheduler.traffic import TrafficSummary, summary_response, window_of
 from llmesh.scheduler.usage_desk import UsageDesk
 from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
@@ -60,9 +61,11 @@ class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
         *,
         max_queue_wait_s: float,
         usage: UsageDesk | None = None,
+        traffic: TrafficSummary | None = None,
     ) -> None:
         self._pool = pool
         self._usage = usage
+        self._traffic = traffic or TrafficSummary()
         self._catalog = catalog
         self._max_queue_wait_s = max_queue_wait_s
 
@@ -138,3 +141,10 @@ class SchedulerServicer(scheduler_grpc.SchedulerServiceServicer):
             raise InvalidRequest("model is required: the model whose routing policy to set")
         policy = self._pool.set_policy(request.model, request.policy)
         return scheduler_pb2.SetRoutingPolicyResponse(policy=policy)  # type: ignore[arg-type]
+
+    async def GetMetricsSummary(
+        self, request: scheduler_pb2.GetMetricsSummaryRequest, context: aio.ServicerContext
+    ) -> scheduler_pb2.GetMetricsSummaryResponse:
+        """Requests and tokens per model since start, TTFT/TPOT percentiles over a recent window,
+        workers by state (GET /v1/monitoring/metrics, admins only)."""
+        return summary_response(self._traffic, self._pool, window_of(request.window_seconds))

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UsageReport:
-    """One finished request. `outcome`: success, rejected, cancelled or worker_failed."""
+    """One finished request. `outcome`: success, rejected, cancelled or worker_failed; `status`: the
+    final gRPC status name; `timing_s`: the worker's (time to first token, first to last token)."""
 
     request_id: str
     model: str
@@ -28,6 +29,8 @@ class UsageReport:
     completion_tokens: int
     outcome: str
     tenant: str = ""
+    status: str = ""
+    timing_s: tuple[float, float] | None = None
 
 
 class UsageSink(Protocol):

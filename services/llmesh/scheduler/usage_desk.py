@@ -16,6 +16,7 @@ import logging
 import time
 
 from llmesh.scheduler import metrics
+from llmesh.scheduler.traffic import TrafficSummary
 from llmesh.scheduler.usage import UsageReport, UsageSink
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ class UsageDesk:
     """Passes usage reports to the sink exactly once per request, filling in the worker's numbers
     for streams that ended without trailers."""
 
-    def __init__(self, sink: UsageSink, wait_s: float = 2.0) -> None:
+    def __init__(self, sink: UsageSink, wait_s: float = 2.0, traffic: TrafficSummary | None = None) -> None:
         self._sink = sink
+        self._traffic = traffic
         self._wait_s = wait_s
         self._awaiting: dict[str, tuple[UsageReport, asyncio.TimerHandle]] = {}
         self._early: dict[str, tuple[int, int, float]] = {}
@@ -38,6 +40,12 @@ class UsageDesk:
         """A finished request whose usage is known (the trailers carried it)."""
         metrics.USAGE_TOKENS.labels(report.model, "prompt").inc(report.prompt_tokens)
         metrics.USAGE_TOKENS.labels(report.model, "completion").inc(report.completion_tokens)
+        # A report without a worker settles a request refused before any lease (the picker
+        # counted it as refused): not a finished request.
+        if self._traffic is not None and report.worker_id:
+            self._traffic.finished(
+                report.model, report.status, report.prompt_tokens, report.completion_tokens, report.timing_s
+            )
         try:
             self._sink.record(report)
         except Exception:  # accounting must never break the lease bookkeeping

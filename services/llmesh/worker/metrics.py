@@ -282,6 +282,12 @@ class StreamClock:
         if chunk.finished and chunk.choices:
             self.reason = chunk.choices[0].finish_reason
 
+    def timing(self) -> tuple[float, float] | None:
+        """(arrival to first chunk, first to last chunk) in seconds; None before a first chunk."""
+        if not self._first:
+            return None
+        return self._first - self._start, self._last - self._first
+
     def end(self, prompt_tokens: int, completion_tokens: int, error: BaseException | None) -> None:
         """The request is over (`error`: why it stopped early, if it did)."""
         m, op = self._metrics, self._op

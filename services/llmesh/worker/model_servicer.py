@@ -47,11 +47,13 @@ log = logging.getLogger(__name__)
 class _Usage:
     """Tokens a generation produced so far (exact once the engine's last chunk arrived)."""
 
-    __slots__ = ("completion", "prompt")
+    __slots__ = ("completion", "prompt", "timing")
 
     def __init__(self) -> None:
         self.prompt = 0
         self.completion = 0
+        # (time to first chunk, first to last chunk) in seconds, once the generation ended.
+        self.timing: tuple[float, float] | None = None
 
     def add(self, chunk: GenerationChunk) -> None:
         self.prompt = chunk.prompt_tokens
@@ -140,15 +142,21 @@ class WorkerModelServicer(pb_grpc.ModelServiceServicer):
             raise
         finally:
             clock.end(usage.prompt, usage.completion, error)
+            usage.timing = clock.timing()
 
     def _trailers(self, context: aio.ServicerContext, usage: _Usage) -> None:
-        context.set_trailing_metadata(
-            (
-                (headers.PROMPT_TOKENS, str(usage.prompt)),
-                (headers.COMPLETION_TOKENS, str(usage.completion)),
-                (headers.WORKER_ID, self._activity.worker_id),
-            )
-        )
+        trailers = [
+            (headers.PROMPT_TOKENS, str(usage.prompt)),
+            (headers.COMPLETION_TOKENS, str(usage.completion)),
+            (headers.WORKER_ID, self._activity.worker_id),
+        ]
+        if usage.timing is not None:  # the picker's latency summary (GET /v1/monitoring/metrics)
+            first, decode = usage.timing
+            trailers += [
+                (headers.TTFT_US, str(round(first * 1e6))),
+                (headers.DECODE_US, str(round(decode * 1e6))),
+            ]
+        context.set_trailing_metadata(tuple(trailers))
 
     async def _collect(
         self, prepared: PreparedRequest, context: aio.ServicerContext

@@ -23,55 +23,80 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+llmesh/scheduler/v1/scheduler_service.proto\x12\x13llmesh.scheduler.v1\x1a\x1cgoogle/api/annotations.proto\"\xe9\x01\n\x0e\x41\x63quireRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x1d.llmesh.scheduler.v1.Priority\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x1a\n\x12prefix_fingerprint\x18\x07 \x01(\t\x12\x13\n\x0bsession_key\x18\x08 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\t \x03(\t\"f\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tqueued_ms\x18\x05 \x01(\r\"<\n\x0f\x41\x63quireResponse\x12)\n\x05lease\x18\x01 \x01(\x0b\x32\x1a.llmesh.scheduler.v1.Lease\"\x92\x01\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.llmesh.scheduler.v1.Outcome\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"*\n\x19GetSchedulerStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf5\x01\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x15\n\ractive_leases\x18\x04 \x01(\r\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\t \x01(\x02\x12\x0f\n\x07\x65jected\x18\n \x01(\x08\x12\x10\n\x08\x63ordoned\x18\x0b \x01(\x08\"p\n\nQueueState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x32\n\x06policy\x18\x04 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy\"\xb1\x01\n\x1aGetSchedulerStatusResponse\x12\x31\n\x07workers\x18\x01 \x03(\x0b\x32 .llmesh.scheduler.v1.WorkerState\x12/\n\x06queues\x18\x02 \x03(\x0b\x32\x1f.llmesh.scheduler.v1.QueueState\x12\x16\n\x0eleases_granted\x18\x03 \x01(\x04\x12\x17\n\x0fleases_rejected\x18\x04 \x01(\x04\")\n\x18GetScalingSignalsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\rScalingSignal\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_replicas\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"P\n\x19GetScalingSignalsResponse\x12\x33\n\x07signals\x18\x01 \x03(\x0b\x32\".llmesh.scheduler.v1.ScalingSignal\"\\\n\x17SetRoutingPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x06policy\x18\x02 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy\"N\n\x18SetRoutingPolicyResponse\x12\x32\n\x06policy\x18\x01 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy*\xeb\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12+\n\'ROUTING_POLICY_LEAST_OUTSTANDING_TOKENS\x10\x01\x12\"\n\x1eROUTING_POLICY_PREFIX_AFFINITY\x10\x02\x12#\n\x1fROUTING_POLICY_SESSION_AFFINITY\x10\x03\x12$\n ROUTING_POLICY_WEIGHTED_VERSIONS\x10\x04\x12\x1e\n\x1aROUTING_POLICY_ROUND_ROBIN\x10\x05*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x7f\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x19\n\x15OUTCOME_WORKER_FAILED\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03\x12\x14\n\x10OUTCOME_REJECTED\x10\x04\x32\x85\x05\n\x10SchedulerService\x12T\n\x07\x41\x63quire\x12#.llmesh.scheduler.v1.AcquireRequest\x1a$.llmesh.scheduler.v1.AcquireResponse\x12T\n\x07Release\x12#.llmesh.scheduler.v1.ReleaseRequest\x1a$.llmesh.scheduler.v1.ReleaseResponse\x12\x93\x01\n\x12GetSchedulerStatus\x12..llmesh.scheduler.v1.GetSchedulerStatusRequest\x1a/.llmesh.scheduler.v1.GetSchedulerStatusResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/scheduler/status\x12\x91\x01\n\x11GetScalingSignals\x12-.llmesh.scheduler.v1.GetScalingSignalsRequest\x1a..llmesh.scheduler.v1.GetScalingSignalsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/scheduler/scaling\x12\x9a\x01\n\x10SetRoutingPolicy\x12,.llmesh.scheduler.v1.SetRoutingPolicyRequest\x1a-.llmesh.scheduler.v1.SetRoutingPolicyResponse\")\x82\xd3\xe4\x93\x02#\x1a\x1e/v1/scheduler/policies/{model}:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+llmesh/scheduler/v1/scheduler_service.proto\x12\x13llmesh.scheduler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\x0e\x41\x63quireRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12/\n\x08priority\x18\x04 \x01(\x0e\x32\x1d.llmesh.scheduler.v1.Priority\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x1a\n\x12prefix_fingerprint\x18\x07 \x01(\t\x12\x13\n\x0bsession_key\x18\x08 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\t \x03(\t\"f\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tqueued_ms\x18\x05 \x01(\r\"<\n\x0f\x41\x63quireResponse\x12)\n\x05lease\x18\x01 \x01(\x0b\x32\x1a.llmesh.scheduler.v1.Lease\"\x92\x01\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.llmesh.scheduler.v1.Outcome\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"*\n\x19GetSchedulerStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf5\x01\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x15\n\ractive_leases\x18\x04 \x01(\r\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\t \x01(\x02\x12\x0f\n\x07\x65jected\x18\n \x01(\x08\x12\x10\n\x08\x63ordoned\x18\x0b \x01(\x08\"p\n\nQueueState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x32\n\x06policy\x18\x04 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy\"\xb1\x01\n\x1aGetSchedulerStatusResponse\x12\x31\n\x07workers\x18\x01 \x03(\x0b\x32 .llmesh.scheduler.v1.WorkerState\x12/\n\x06queues\x18\x02 \x03(\x0b\x32\x1f.llmesh.scheduler.v1.QueueState\x12\x16\n\x0eleases_granted\x18\x03 \x01(\x04\x12\x17\n\x0fleases_rejected\x18\x04 \x01(\x04\")\n\x18GetScalingSignalsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\rScalingSignal\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_replicas\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"P\n\x19GetScalingSignalsResponse\x12\x33\n\x07signals\x18\x01 \x03(\x0b\x32\".llmesh.scheduler.v1.ScalingSignal\"\\\n\x17SetRoutingPolicyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x06policy\x18\x02 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy\"N\n\x18SetRoutingPolicyResponse\x12\x32\n\x06policy\x18\x01 \x01(\x0e\x32\".llmesh.scheduler.v1.RoutingPolicy\"2\n\x18GetMetricsSummaryRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\r\"U\n\x12LatencyPercentiles\x12\x0f\n\x07samples\x18\x01 \x01(\r\x12\x0e\n\x06p50_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x04 \x01(\x01\"\x9e\x03\n\x0cModelTraffic\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12S\n\x12requests_by_status\x18\x03 \x03(\x0b\x32\x37.llmesh.scheduler.v1.ModelTraffic.RequestsByStatusEntry\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x04\x12\x44\n\x13time_to_first_token\x18\x06 \x01(\x0b\x32\'.llmesh.scheduler.v1.LatencyPercentiles\x12\x46\n\x15time_per_output_token\x18\x07 \x01(\x0b\x32\'.llmesh.scheduler.v1.LatencyPercentiles\x12\x0f\n\x07waiting\x18\x08 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\r\x1a\x37\n\x15RequestsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb8\x01\n\rWorkerTraffic\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x18\n\x10running_requests\x18\x06 \x01(\r\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x02\"\xba\x04\n\x19GetMetricsSummaryResponse\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12`\n\x12requests_by_status\x18\x04 \x03(\x0b\x32\x44.llmesh.scheduler.v1.GetMetricsSummaryResponse.RequestsByStatusEntry\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x31\n\x06models\x18\x07 \x03(\x0b\x32!.llmesh.scheduler.v1.ModelTraffic\x12\\\n\x10workers_by_state\x18\x08 \x03(\x0b\x32\x42.llmesh.scheduler.v1.GetMetricsSummaryResponse.WorkersByStateEntry\x12\x33\n\x07workers\x18\t \x03(\x0b\x32\".llmesh.scheduler.v1.WorkerTraffic\x1a\x37\n\x15RequestsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13WorkersByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\xeb\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12+\n\'ROUTING_POLICY_LEAST_OUTSTANDING_TOKENS\x10\x01\x12\"\n\x1eROUTING_POLICY_PREFIX_AFFINITY\x10\x02\x12#\n\x1fROUTING_POLICY_SESSION_AFFINITY\x10\x03\x12$\n ROUTING_POLICY_WEIGHTED_VERSIONS\x10\x04\x12\x1e\n\x1aROUTING_POLICY_ROUND_ROBIN\x10\x05*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x7f\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_SUCCESS\x10\x01\x12\x19\n\x15OUTCOME_WORKER_FAILED\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03\x12\x14\n\x10OUTCOME_REJECTED\x10\x04\x32\x9a\x06\n\x10SchedulerService\x12T\n\x07\x41\x63quire\x12#.llmesh.scheduler.v1.AcquireRequest\x1a$.llmesh.scheduler.v1.AcquireResponse\x12T\n\x07Release\x12#.llmesh.scheduler.v1.ReleaseRequest\x1a$.llmesh.scheduler.v1.ReleaseResponse\x12\x93\x01\n\x12GetSchedulerStatus\x12..llmesh.scheduler.v1.GetSchedulerStatusRequest\x1a/.llmesh.scheduler.v1.GetSchedulerStatusResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/scheduler/status\x12\x91\x01\n\x11GetScalingSignals\x12-.llmesh.scheduler.v1.GetScalingSignalsRequest\x1a..llmesh.scheduler.v1.GetScalingSignalsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/scheduler/scaling\x12\x9a\x01\n\x10SetRoutingPolicy\x12,.llmesh.scheduler.v1.SetRoutingPolicyRequest\x1a-.llmesh.scheduler.v1.SetRoutingPolicyResponse\")\x82\xd3\xe4\x93\x02#\x1a\x1e/v1/scheduler/policies/{model}:\x01*\x12\x92\x01\n\x11GetMetricsSummary\x12-.llmesh.scheduler.v1.GetMetricsSummaryRequest\x1a..llmesh.scheduler.v1.GetMetricsSummaryResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/monitoring/metricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.scheduler.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELTRAFFIC_REQUESTSBYSTATUSENTRY']._loaded_options = None
+  _globals['_MODELTRAFFIC_REQUESTSBYSTATUSENTRY']._serialized_options = b'8\001'
+  _globals['_GETMETRICSSUMMARYRESPONSE_REQUESTSBYSTATUSENTRY']._loaded_options = None
+  _globals['_GETMETRICSSUMMARYRESPONSE_REQUESTSBYSTATUSENTRY']._serialized_options = b'8\001'
+  _globals['_GETMETRICSSUMMARYRESPONSE_WORKERSBYSTATEENTRY']._loaded_options = None
+  _globals['_GETMETRICSSUMMARYRESPONSE_WORKERSBYSTATEENTRY']._serialized_options = b'8\001'
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetSchedulerStatus']._loaded_options = None
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetSchedulerStatus']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/scheduler/status'
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetScalingSignals']._loaded_options = None
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetScalingSignals']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/scheduler/scaling'
   _globals['_SCHEDULERSERVICE'].methods_by_name['SetRoutingPolicy']._loaded_options = None
   _globals['_SCHEDULERSERVICE'].methods_by_name['SetRoutingPolicy']._serialized_options = b'\202\323\344\223\002#\032\036/v1/scheduler/policies/{model}:\001*'
-  _globals['_ROUTINGPOLICY']._serialized_start=1672
-  _globals['_ROUTINGPOLICY']._serialized_end=1907
-  _globals['_PRIORITY']._serialized_start=1909
-  _globals['_PRIORITY']._serialized_end=2003
-  _globals['_OUTCOME']._serialized_start=2005
-  _globals['_OUTCOME']._serialized_end=2132
-  _globals['_ACQUIREREQUEST']._serialized_start=99
-  _globals['_ACQUIREREQUEST']._serialized_end=332
-  _globals['_LEASE']._serialized_start=334
-  _globals['_LEASE']._serialized_end=436
-  _globals['_ACQUIRERESPONSE']._serialized_start=438
-  _globals['_ACQUIRERESPONSE']._serialized_end=498
-  _globals['_RELEASEREQUEST']._serialized_start=501
-  _globals['_RELEASEREQUEST']._serialized_end=647
-  _globals['_RELEASERESPONSE']._serialized_start=649
-  _globals['_RELEASERESPONSE']._serialized_end=684
-  _globals['_GETSCHEDULERSTATUSREQUEST']._serialized_start=686
-  _globals['_GETSCHEDULERSTATUSREQUEST']._serialized_end=728
-  _globals['_WORKERSTATE']._serialized_start=731
-  _globals['_WORKERSTATE']._serialized_end=976
-  _globals['_QUEUESTATE']._serialized_start=978
-  _globals['_QUEUESTATE']._serialized_end=1090
-  _globals['_GETSCHEDULERSTATUSRESPONSE']._serialized_start=1093
-  _globals['_GETSCHEDULERSTATUSRESPONSE']._serialized_end=1270
-  _globals['_GETSCALINGSIGNALSREQUEST']._serialized_start=1272
-  _globals['_GETSCALINGSIGNALSREQUEST']._serialized_end=1313
-  _globals['_SCALINGSIGNAL']._serialized_start=1315
-  _globals['_SCALINGSIGNAL']._serialized_end=1413
-  _globals['_GETSCALINGSIGNALSRESPONSE']._serialized_start=1415
-  _globals['_GETSCALINGSIGNALSRESPONSE']._serialized_end=1495
-  _globals['_SETROUTINGPOLICYREQUEST']._serialized_start=1497
-  _globals['_SETROUTINGPOLICYREQUEST']._serialized_end=1589
-  _globals['_SETROUTINGPOLICYRESPONSE']._serialized_start=1591
-  _globals['_SETROUTINGPOLICYRESPONSE']._serialized_end=1669
-  _globals['_SCHEDULERSERVICE']._serialized_start=2135
-  _globals['_SCHEDULERSERVICE']._serialized_end=2780
+  _globals['_SCHEDULERSERVICE'].methods_by_name['GetMetricsSummary']._loaded_options = None
+  _globals['_SCHEDULERSERVICE'].methods_by_name['GetMetricsSummary']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/monitoring/metrics'
+  _globals['_ROUTINGPOLICY']._serialized_start=3021
+  _globals['_ROUTINGPOLICY']._serialized_end=3256
+  _globals['_PRIORITY']._serialized_start=3258
+  _globals['_PRIORITY']._serialized_end=3352
+  _globals['_OUTCOME']._serialized_start=3354
+  _globals['_OUTCOME']._serialized_end=3481
+  _globals['_ACQUIREREQUEST']._serialized_start=132
+  _globals['_ACQUIREREQUEST']._serialized_end=365
+  _globals['_LEASE']._serialized_start=367
+  _globals['_LEASE']._serialized_end=469
+  _globals['_ACQUIRERESPONSE']._serialized_start=471
+  _globals['_ACQUIRERESPONSE']._serialized_end=531
+  _globals['_RELEASEREQUEST']._serialized_start=534
+  _globals['_RELEASEREQUEST']._serialized_end=680
+  _globals['_RELEASERESPONSE']._serialized_start=682
+  _globals['_RELEASERESPONSE']._serialized_end=717
+  _globals['_GETSCHEDULERSTATUSREQUEST']._serialized_start=719
+  _globals['_GETSCHEDULERSTATUSREQUEST']._serialized_end=761
+  _globals['_WORKERSTATE']._serialized_start=764
+  _globals['_WORKERSTATE']._serialized_end=1009
+  _globals['_QUEUESTATE']._serialized_start=1011
+  _globals['_QUEUESTATE']._serialized_end=1123
+  _globals['_GETSCHEDULERSTATUSRESPONSE']._serialized_start=1126
+  _globals['_GETSCHEDULERSTATUSRESPONSE']._serialized_end=1303
+  _globals['_GETSCALINGSIGNALSREQUEST']._serialized_start=1305
+  _globals['_GETSCALINGSIGNALSREQUEST']._serialized_end=1346
+  _globals['_SCALINGSIGNAL']._serialized_start=1348
+  _globals['_SCALINGSIGNAL']._serialized_end=1446
+  _globals['_GETSCALINGSIGNALSRESPONSE']._serialized_start=1448
+  _globals['_GETSCALINGSIGNALSRESPONSE']._serialized_end=1528
+  _globals['_SETROUTINGPOLICYREQUEST']._serialized_start=1530
+  _globals['_SETROUTINGPOLICYREQUEST']._serialized_end=1622
+  _globals['_SETROUTINGPOLICYRESPONSE']._serialized_start=1624
+  _globals['_SETROUTINGPOLICYRESPONSE']._serialized_end=1702
+  _globals['_GETMETRICSSUMMARYREQUEST']._serialized_start=1704
+  _globals['_GETMETRICSSUMMARYREQUEST']._serialized_end=1754
+  _globals['_LATENCYPERCENTILES']._serialized_start=1756
+  _globals['_LATENCYPERCENTILES']._serialized_end=1841
+  _globals['_MODELTRAFFIC']._serialized_start=1844
+  _globals['_MODELTRAFFIC']._serialized_end=2258
+  _globals['_MODELTRAFFIC_REQUESTSBYSTATUSENTRY']._serialized_start=2203
+  _globals['_MODELTRAFFIC_REQUESTSBYSTATUSENTRY']._serialized_end=2258
+  _globals['_WORKERTRAFFIC']._serialized_start=2261
+  _globals['_WORKERTRAFFIC']._serialized_end=2445
+  _globals['_GETMETRICSSUMMARYRESPONSE']._serialized_start=2448
+  _globals['_GETMETRICSSUMMARYRESPONSE']._serialized_end=3018
+  _globals['_GETMETRICSSUMMARYRESPONSE_REQUESTSBYSTATUSENTRY']._serialized_start=2203
+  _globals['_GETMETRICSSUMMARYRESPONSE_REQUESTSBYSTATUSENTRY']._serialized_end=2258
+  _globals['_GETMETRICSSUMMARYRESPONSE_WORKERSBYSTATEENTRY']._serialized_start=2965
+  _globals['_GETMETRICSSUMMARYRESPONSE_WORKERSBYSTATEENTRY']._serialized_end=3018
+  _globals['_SCHEDULERSERVICE']._serialized_start=3484
+  _globals['_SCHEDULERSERVICE']._serialized_end=4278
 # @@protoc_insertion_point(module_scope)

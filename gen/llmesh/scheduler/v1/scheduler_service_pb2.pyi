@@ -1,4 +1,7 @@
+import datetime
+
 from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -202,3 +205,106 @@ class SetRoutingPolicyResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: RoutingPolicy
     def __init__(self, policy: _Optional[_Union[RoutingPolicy, str]] = ...) -> None: ...
+
+class GetMetricsSummaryRequest(_message.Message):
+    __slots__ = ("window_seconds",)
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    window_seconds: int
+    def __init__(self, window_seconds: _Optional[int] = ...) -> None: ...
+
+class LatencyPercentiles(_message.Message):
+    __slots__ = ("samples", "p50_ms", "p90_ms", "p99_ms")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P90_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    def __init__(self, samples: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p90_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ...) -> None: ...
+
+class ModelTraffic(_message.Message):
+    __slots__ = ("model", "requests", "requests_by_status", "prompt_tokens", "completion_tokens", "time_to_first_token", "time_per_output_token", "waiting", "active")
+    class RequestsByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIME_PER_OUTPUT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    requests: int
+    requests_by_status: _containers.ScalarMap[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: LatencyPercentiles
+    time_per_output_token: LatencyPercentiles
+    waiting: int
+    active: int
+    def __init__(self, model: _Optional[str] = ..., requests: _Optional[int] = ..., requests_by_status: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token: _Optional[_Union[LatencyPercentiles, _Mapping]] = ..., time_per_output_token: _Optional[_Union[LatencyPercentiles, _Mapping]] = ..., waiting: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
+
+class WorkerTraffic(_message.Message):
+    __slots__ = ("worker_id", "state", "models", "active_requests", "capacity", "running_requests", "waiting_requests", "kv_cache_usage")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    state: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    active_requests: int
+    capacity: int
+    running_requests: int
+    waiting_requests: int
+    kv_cache_usage: float
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., capacity: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
+
+class GetMetricsSummaryResponse(_message.Message):
+    __slots__ = ("since", "window_seconds", "requests", "requests_by_status", "prompt_tokens", "completion_tokens", "models", "workers_by_state", "workers")
+    class RequestsByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkersByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    window_seconds: int
+    requests: int
+    requests_by_status: _containers.ScalarMap[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelTraffic]
+    workers_by_state: _containers.ScalarMap[str, int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerTraffic]
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_seconds: _Optional[int] = ..., requests: _Optional[int] = ..., requests_by_status: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelTraffic, _Mapping]]] = ..., workers_by_state: _Optional[_Mapping[str, int]] = ..., workers: _Optional[_Iterable[_Union[WorkerTraffic, _Mapping]]] = ...) -> None: ...

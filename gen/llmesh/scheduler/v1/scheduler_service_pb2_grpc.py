@@ -60,6 +60,11 @@ class SchedulerServiceStub:
                 request_serializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyRequest.SerializeToString,
                 response_deserializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetMetricsSummary = channel.unary_unary(
+                '/llmesh.scheduler.v1.SchedulerService/GetMetricsSummary',
+                request_serializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryRequest.SerializeToString,
+                response_deserializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -102,6 +107,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetricsSummary(self, request, context):
+        """A summary of the traffic the endpoint picker has seen, for people without Prometheus:
+        requests by model and final status and tokens since the scheduler started, time to first token
+        and time per output token percentiles per model over a recent window, workers by state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.SetRoutingPolicy,
                     request_deserializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyRequest.FromString,
                     response_serializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyResponse.SerializeToString,
+            ),
+            'GetMetricsSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetricsSummary,
+                    request_deserializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryRequest.FromString,
+                    response_serializer=llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class SchedulerService:
             '/llmesh.scheduler.v1.SchedulerService/SetRoutingPolicy',
             llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyRequest.SerializeToString,
             llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SetRoutingPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetricsSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.scheduler.v1.SchedulerService/GetMetricsSummary',
+            llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryRequest.SerializeToString,
+            llmesh_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetMetricsSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,
