@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from llmesh.bench.otlp_collector import OtlpCollector, start_collector
 from llmesh.cli.stack import Stack
 from llmesh.common import tracing
 from llmesh.registry.v1 import registry_service_pb2 as reg_pb
@@ -30,23 +30,6 @@ PICKER_SPAN = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 AUTH_SPAN = "/envoy.service.auth.v3.Authorization/Check"
 
 
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver: keeps (trace id, service.name, span name) of every span."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, str, str]] = []
-
-    async def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        for resource_spans in request.resource_spans:
-            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append((span.trace_id.hex(), attributes.get("service.name", ""), span.name))
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def traced() -> Iterator[None]:
     assert tracing.setup_tracing("llmesh-test", exporter=EXPORTER)
@@ -55,18 +38,14 @@ def traced() -> Iterator[None]:
 
 
 @pytest.fixture
-async def collector() -> AsyncIterator[tuple[Collector, str]]:
-    received = Collector()
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(received, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield received, f"127.0.0.1:{port}"
+async def collector() -> AsyncIterator[tuple[OtlpCollector, str]]:
+    received, server, address = await start_collector()
+    yield received, address
     await server.stop(None)
 
 
 async def test_one_request_is_one_trace_from_envoy_through_auth_the_picker_and_the_worker(
-    stack_factory, collector: tuple[Collector, str]
+    stack_factory, collector: tuple[OtlpCollector, str]
 ) -> None:
     received, address = collector
     stack = await stack_factory({"w0": engine()}, edge=True, auth=True, otlp_endpoint=address)
@@ -102,7 +81,7 @@ async def test_one_request_is_one_trace_from_envoy_through_auth_the_picker_and_t
 
 
 async def test_a_service_process_exports_its_spans_over_otlp(
-    tmp_path: Path, collector: tuple[Collector, str]
+    tmp_path: Path, collector: tuple[OtlpCollector, str]
 ) -> None:
     """`monitoring.otlp_endpoint` in a real `llmesh serve` process: its server spans reach the
     collector (the OTLP exporter imports and sends; an old copy of the OpenTelemetry protos from

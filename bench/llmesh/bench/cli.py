@@ -24,6 +24,7 @@ from typing import Any
 
 from llmesh.bench.settings import (
     ALL_TARGETS,
+    DEFAULT_TARGETS,
     ENGINE_TARGETS,
     BenchSettings,
     EngineSettings,
@@ -59,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         type=_targets,
-        default=ALL_TARGETS,
-        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all)",
+        default=DEFAULT_TARGETS,
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: {','.join(DEFAULT_TARGETS)})",
     )
     parser.add_argument(
         "--concurrency", type=_int_list, help="concurrent streams per level (default 1,16,64)"
@@ -209,6 +210,10 @@ async def run_all(settings: BenchSettings, results: dict[str, Any]) -> None:
         from llmesh.bench.overhead import run_overhead
 
         results["overhead"] = await run_overhead(settings, run_root / "overhead")
+    if settings.wants("telemetry"):
+        from llmesh.bench.telemetry import run_telemetry
+
+        results["telemetry"] = await run_telemetry(settings, run_root / "telemetry")
 
 
 def _run_async(settings: BenchSettings, results: dict[str, Any]) -> None:
@@ -265,5 +270,7 @@ def bench_main(args: argparse.Namespace, cfg: Any) -> int:
         published = publish(results, out, settings.publish_dir)
         print(f"published: {', '.join(str(p) for p in published)}")
     statuses = [t.get("status", "") for t in results.get("targets", {}).values()]
-    statuses += [results.get(k, {}).get("status", "ok") for k in ("overhead", "soak") if k in results]
+    statuses += [
+        results.get(k, {}).get("status", "ok") for k in ("overhead", "soak", "telemetry") if k in results
+    ]
     return 1 if any(s.startswith("failed") for s in statuses) else 0

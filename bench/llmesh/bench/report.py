@@ -306,6 +306,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Picker overhead (engine taken out)", "", *_overhead_section(results["overhead"])]
     if "soak" in results:
         lines += ["", "## Soak", "", *_soak_section(results["soak"])]
+    if "telemetry" in results:
+        from llmesh.bench.telemetry import telemetry_section
+
+        lines += [
+            "",
+            "## Telemetry cost (metrics and tracing on vs off)",
+            "",
+            *telemetry_section(results["telemetry"]),
+        ]
     checks = target_checks(results)
     if checks:
         lines += ["", "## Targets (issue 7)", "", "| goal | measured | verdict |", "|---|---|---|"]

@@ -55,7 +55,7 @@ def _processes(before: dict[str, CpuSnapshot], after: dict[str, CpuSnapshot], to
     return out
 
 
-def _print_level(target: str, level: dict[str, Any], frontend: list[str]) -> None:
+def print_level(target: str, level: dict[str, Any], frontend: list[str]) -> None:
     cpu = sum(level["processes"].get(n, {}).get("cpu_cores", 0.0) for n in frontend)
     say(
         f"{target:>8} c={level['concurrency']:<3} {level['output_tokens_per_s']:8.0f} tok/s  "
@@ -106,7 +106,7 @@ async def grpc_level(
     return level
 
 
-def _load(settings: BenchSettings, base_url: str, concurrency: int) -> VllmLoad:
+def vllm_load(settings: BenchSettings, base_url: str, concurrency: int) -> VllmLoad:
     load, engine = settings.load, settings.engine
     return VllmLoad(
         base_url=base_url,
@@ -133,10 +133,10 @@ async def run_baseline(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
         await server.start()
         meter = ProcessMeter({"vllm_api_server": server.pid})
         for concurrency in settings.load.concurrency:
-            load = _load(settings, server.url, concurrency)
+            load = vllm_load(settings, server.url, concurrency)
             level = await vllm_level(f"baseline-c{concurrency}", load, meter, run_dir / "vllm-client")
             levels.append(level)
-            _print_level("baseline", level, BASELINE_FRONTEND)
+            print_level("baseline", level, BASELINE_FRONTEND)
         return {"status": "ok", "frontend": BASELINE_FRONTEND, "levels": levels}
     except Exception as error:
         log.exception("baseline failed")
@@ -166,10 +166,10 @@ async def run_llmesh(settings: BenchSettings, run_dir: Path) -> dict[str, dict[s
             results["rest"] = {"status": "ok", "frontend": LLMESH_FRONTEND, "levels": levels}
             try:
                 for concurrency in settings.load.concurrency:
-                    load = _load(settings, f"http://{stack.envoy}", concurrency)
+                    load = vllm_load(settings, f"http://{stack.envoy}", concurrency)
                     level = await vllm_level(f"rest-c{concurrency}", load, meter, run_dir / "vllm-client")
                     levels.append(level)
-                    _print_level("rest", level, LLMESH_FRONTEND)
+                    print_level("rest", level, LLMESH_FRONTEND)
             except Exception as error:
                 log.exception("rest failed")
                 results["rest"]["status"] = f"failed: {type(error).__name__}: {str(error)[:1500]}"
@@ -188,10 +188,10 @@ async def run_llmesh(settings: BenchSettings, run_dir: Path) -> dict[str, dict[s
                 if failure is not None:
                     raise RuntimeError(f"never served a request: {failure}")
                 for concurrency in settings.load.concurrency:
-                    load = _load(settings, "", concurrency)
+                    load = vllm_load(settings, "", concurrency)
                     level = await grpc_level(client, load, meter, settings.load.warmups_for(concurrency))
                     levels.append(level)
-                    _print_level("grpc", level, LLMESH_FRONTEND)
+                    print_level("grpc", level, LLMESH_FRONTEND)
             except Exception as error:
                 log.exception("grpc failed")
                 results["grpc"]["status"] = f"failed: {type(error).__name__}: {str(error)[:1500]}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
 from llmesh.bench.procs import MiB, ProcessMeter
-from llmesh.bench.run import _load, say
+from llmesh.bench.run import say, vllm_load
 from llmesh.bench.settings import BenchSettings
 from llmesh.bench.stats import summarize, summarize_vllm
 from llmesh.bench.targets import LlmeshStack, envoy_stats, vllm_model_entry, write_llmesh_config
@@ -86,7 +86,7 @@ async def run_soak(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
         meter = ProcessMeter(pids)
         result["rss_before"] = _rss_mib(meter)
         load = dataclasses.replace(
-            _load(settings, f"http://{stack.envoy}", soak.concurrency), num_prompts=soak.requests
+            vllm_load(settings, f"http://{stack.envoy}", soak.concurrency), num_prompts=soak.requests
         )
         prompts: list[str] = []
         if soak.path == "grpc":

@@ -91,11 +91,16 @@ class BaselineServer:
 
 
 def write_llmesh_config(
-    path: Path, models: list[dict[str, Any]], workers: list[dict[str, Any]], host: str = "127.0.0.1"
+    path: Path,
+    models: list[dict[str, Any]],
+    workers: list[dict[str, Any]],
+    host: str = "127.0.0.1",
+    monitoring: dict[str, Any] | None = None,
 ) -> Path:
     """The YAML every child of a bench stack reads. Ports are free ones, never the defaults, so a bench
     never collides with a `llmesh up` on the same machine: port 0 (the kernel picks, the stack reads
-    back what was bound) where the edge settings allow it, a port found free now elsewhere."""
+    back what was bound) where the edge settings allow it, a port found free now elsewhere.
+    `monitoring`: the config's monitoring section (default: llmesh's, metrics on, no tracing)."""
     data = {
         "server": {
             "host": host,
@@ -113,6 +118,8 @@ def write_llmesh_config(
         "models": models,
         "workers": workers,
     }
+    if monitoring is not None:
+        data["monitoring"] = monitoring
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
