@@ -11,7 +11,7 @@ import pytest
 from grpc import aio
 
 from llmesh.common import errors
-from llmesh.common.channels import insecure_channel
+from llmesh.common.channels import service_channel
 from llmesh.common.metrics import REGISTRY, start_metrics_endpoint
 from llmesh.common.server import start_server
 from llmesh.registry.v1 import registry_service_pb2 as pb
@@ -152,7 +152,7 @@ async def test_a_stream_the_client_cancels_counts_as_cancelled(served) -> None:
 
 async def test_client_calls_through_the_channel_factory_are_counted(served) -> None:
     _, running, _ = served
-    channel = insecure_channel(f"127.0.0.1:{running.port}")
+    channel = service_channel(f"127.0.0.1:{running.port}")
     stub = pb_grpc.RegistryServiceStub(channel)
     ok, missing = (
         handled("GetModel", "OK", "unary", "client"),
@@ -191,7 +191,7 @@ async def test_client_streams_through_the_channel_factory_count_when_they_end(se
     """Server-streaming calls (the registry watch's shape) on the client side: counted once when
     they end, by final status, whether read with `async for` or `read()`, or cancelled."""
     double, running, _ = served
-    channel = insecure_channel(f"127.0.0.1:{running.port}")
+    channel = service_channel(f"127.0.0.1:{running.port}")
     stub = pb_grpc.RegistryServiceStub(channel)
     codes = [c.name for c in grpc.StatusCode]
 
@@ -255,7 +255,7 @@ async def test_bidi_client_streams_are_counted_and_keep_write_and_read() -> None
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = service_channel(f"127.0.0.1:{port}")
 
     def count(code: str) -> float:
         labels = {"grpc_type": "bidi_stream", "grpc_service": "llmesh.test.Echo", "grpc_method": "Chat"}

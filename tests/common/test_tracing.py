@@ -14,7 +14,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmesh.common import tracing
-from llmesh.common.channels import insecure_channel
+from llmesh.common.channels import service_channel
 from llmesh.common.logs import JsonFormatter
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
@@ -45,7 +45,7 @@ async def test_a_chat_streamed_from_a_worker_joins_the_callers_trace_with_genai_
     stack_factory,
 ) -> None:
     stack = await stack_factory({"w0": engine()})
-    channel = insecure_channel(stack.worker_addresses["w0"])
+    channel = service_channel(stack.worker_addresses["w0"])
     tracer = trace.get_tracer("test")
     with tracer.start_as_current_span("caller") as caller:
         request = chat(max_tokens=6, ignore_eos=True, stream_options=pb.StreamOptions(include_usage=True))
@@ -68,7 +68,7 @@ async def test_a_chat_streamed_from_a_worker_joins_the_callers_trace_with_genai_
 
 async def test_an_acquire_traces_the_scheduler_and_the_registry_call_it_makes(stack_factory) -> None:
     stack = await stack_factory({"w0": engine()})
-    channel = insecure_channel(stack.addresses["scheduler"])
+    channel = service_channel(stack.addresses["scheduler"])
     tracer = trace.get_tracer("test")
     with tracer.start_as_current_span("caller") as caller:
         acquired = await sched_grpc.SchedulerServiceStub(channel).Acquire(

@@ -18,7 +18,7 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 # Kinds from CRDs: kubernetes-validate has no schema for them; tests check them by hand.
-CRD_KINDS = ("ScaledObject", "Certificate", "Issuer")
+CRD_KINDS = ("ScaledObject", "Certificate", "Issuer", "PodMonitor")
 # The kubelet's probe port on every Envoy (llmesh.edge.sidecar.PROBE_PORT).
 PROBE_PORT = 15021
 

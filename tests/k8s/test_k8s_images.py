@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from llmesh.cli.certs import IDENTITIES, secret_manifests, spiffe_id, write_bundle
 from llmesh.cli.main import main as llmesh_main
 from llmesh.common.config import LlmeshConfig, build
-from llmesh.edge import sidecar
+from llmesh.edge import mtls, sidecar
 from tests.k8s.manifests import DOCKERFILES, ROOT, tool
 from tests.support import require
 
@@ -135,7 +135,7 @@ def test_certs_chain_to_one_ca_and_name_their_identity(tmp_path: Path) -> None:
         assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
         assert (tmp_path / identity / "tls.key").stat().st_mode & 0o077 == 0
         # The identity the sidecars check is the one the certificate carries.
-        assert sidecar.spiffe_id(identity) == spiffe_id(identity)
+        assert mtls.spiffe_id(identity) == spiffe_id(identity)
     secrets = list(yaml.safe_load_all((tmp_path / "secrets.yaml").read_text()))
     assert {s["metadata"]["name"] for s in secrets} == {f"{sidecar.SECRET_PREFIX}{i}" for i in IDENTITIES}
     for secret in secrets:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from llmesh.edge.sidecar import MESH, PROBE_PORT, SECRET_PREFIX, TLS_DIR, spiffe_id
+from llmesh.edge.mtls import spiffe_id
+from llmesh.edge.sidecar import MESH, PROBE_PORT, SECRET_PREFIX, TLS_DIR
 from tests.k8s.manifests import (
     CRD_KINDS,
     OVERLAYS,
@@ -88,10 +89,14 @@ def test_every_object_passes_the_kubernetes_schemas(overlay: str, version: str, 
 
 def test_no_object_of_an_unknown_kind_slips_past_the_schemas() -> None:
     known_crds = {obj["kind"] for _, obj in all_objects() if obj["kind"] in CRD_KINDS}
-    assert known_crds == {"ScaledObject", "Certificate", "Issuer"}
+    assert known_crds == {"ScaledObject", "Certificate", "Issuer", "PodMonitor"}
     for _, obj in all_objects():
         if obj["kind"] in CRD_KINDS:
-            assert obj["apiVersion"] in ("keda.sh/v1alpha1", "cert-manager.io/v1"), obj["apiVersion"]
+            assert obj["apiVersion"] in (
+                "keda.sh/v1alpha1",
+                "cert-manager.io/v1",
+                "monitoring.coreos.com/v1",
+            ), obj["apiVersion"]
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "gpu-hpa"])
@@ -407,3 +412,96 @@ def test_the_config_map_is_a_valid_llmesh_config(overlay: str) -> None:
     assert cfg.server.worker_base_port == MESH["workers"].app_port
     # Each app dials its peers at the loopback default, where its sidecar's egress listens.
     assert cfg.address_of("registry") == f"127.0.0.1:{MESH['registry'].app_port}"
+
+
+# ------------------------------------------------------------------ Prometheus metrics
+
+# Each service Deployment and the `llmesh serve` service it runs (its metrics port offset).
+SERVED_BY = {"registry": "registry", "scheduler": "scheduler", "auth": "auth", "workers": "worker"}
+# Labels Prometheus adds to every series it scrapes through a PodMonitor (or annotations).
+SCRAPE_LABELS = {"namespace", "pod", "container", "job", "endpoint", "instance"}
+
+
+def _metrics_port(container: dict[str, Any]) -> int:
+    (port,) = [p["containerPort"] for p in container.get("ports", []) if p["name"] == "metrics"]
+    return int(port)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_declares_the_metrics_port_its_process_listens_on(overlay: str) -> None:
+    from llmesh.common.config import LlmeshConfig, build
+
+    objects = render(overlay)
+    base = config_of(objects)
+    for name, service in SERVED_BY.items():
+        workload = named(objects, "Deployment", name)
+        (app,) = [c for kind, c in containers(pod_spec(workload)) if kind == "app"]
+        data = base
+        if service == "worker":
+            # The worker image's entrypoint adds this pod as the config's only worker (index 0).
+            data = {**base, "workers": [{"worker_id": "workers-abc", "port": MESH["workers"].app_port}]}
+        listen = build(LlmeshConfig, data).metrics_listen(service, 0)
+        host, _, port = listen.rpartition(":")
+        assert host == "0.0.0.0", f"{name}: metrics must listen on the pod's address, not {host}"
+        assert int(port) == _metrics_port(app), f"{name}: the process listens on {listen}"
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == port and annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_monitoring_namespace_may_scrape_and_only_the_metrics_port(overlay: str) -> None:
+    objects = render(overlay)
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objects, "NetworkPolicy")}
+    scrape = policies["allow-metrics-scrape"]
+    assert scrape["policyTypes"] == ["Ingress"]
+    (rule,) = scrape["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    for name in SERVED_BY:
+        labels = named(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert selects(scrape["podSelector"], labels), f"{name} pods cannot be scraped"
+    # No other policy opens a metrics port.
+    metrics_ports = {
+        _metrics_port(c)
+        for name in SERVED_BY
+        for kind, c in containers(pod_spec(named(objects, "Deployment", name)))
+        if kind == "app"
+    }
+    for policy, spec in policies.items():
+        if policy == "allow-metrics-scrape":
+            continue
+        opened = {p["port"] for r in spec.get("ingress", []) for p in r.get("ports", [])}
+        assert not opened & (metrics_ports | {"metrics"}), f"{policy} opens a metrics port"
+
+
+def _selector_labels(query: str, metric: str) -> dict[str, str]:
+    (selector,) = re.findall(rf"{metric}\{{([^}}]*)\}}", query)
+    return dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', selector))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_workers_autoscaler_reads_the_series_prometheus_scrapes_from_the_scheduler(overlay: str) -> None:
+    objects = render(overlay)
+    namespace = named(objects, "Deployment", "scheduler")["metadata"]["namespace"]
+    scaled = of_kind(objects, "ScaledObject")
+    external = [h for h in of_kind(objects, "HorizontalPodAutoscaler") if h["metadata"]["name"] == "workers"]
+    if not scaled and not external:
+        return
+    if scaled:
+        (trigger,) = scaled[0]["spec"]["triggers"]
+        labels = _selector_labels(trigger["metadata"]["query"], "llmesh_scheduler_queue_depth")
+    else:
+        (metric,) = external[0]["spec"]["metrics"]
+        assert metric["external"]["metric"]["name"] == "llmesh_scheduler_queue_depth"
+        labels = metric["external"]["metric"]["selector"]["matchLabels"]
+    # The scheduler's gauge carries model and priority; the scrape adds the target's labels.
+    assert set(labels) <= SCRAPE_LABELS | {"model", "priority"}, labels
+    assert labels.get("namespace") == namespace
+    # Something scrapes the scheduler's metrics port: the monitoring component's PodMonitor.
+    (monitor,) = of_kind(objects, "PodMonitor")
+    scheduler_labels = named(objects, "Deployment", "scheduler")["spec"]["template"]["metadata"]["labels"]
+    assert selects(monitor["spec"]["selector"], scheduler_labels)
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]

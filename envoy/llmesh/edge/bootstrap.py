@@ -65,6 +65,7 @@ from llmesh.edge.filters import (
     transcoder_filter,
     typed,
 )
+from llmesh.edge.mtls import secure_edge_upstreams
 from llmesh.edge.settings import CATALOG_CLUSTER, GRPC_SERVICE_OF, MODEL_SERVICE, SERVICE_NAMES, EdgeSettings
 from llmesh.edge.tracing import collector_cluster, edge_tracing
 from llmesh.edge.upstreams import grpc_upstream
@@ -304,6 +305,13 @@ def _overload_manager() -> OverloadManager:
 
 def bootstrap(settings: EdgeSettings) -> Bootstrap:
     """The typed bootstrap message."""
+    clusters = [
+        *(cluster(settings, name) for name in SERVICE_NAMES),
+        workers_cluster(settings),
+        *([collector_cluster(settings)] if settings.otlp_endpoint else []),
+    ]
+    if settings.upstream_tls_dir:
+        secure_edge_upstreams(clusters, settings.upstream_tls_dir)
     return Bootstrap(
         node=Node(id=settings.node_id, cluster="llmesh"),
         admin=Admin(
@@ -313,11 +321,7 @@ def bootstrap(settings: EdgeSettings) -> Bootstrap:
         ),
         static_resources=BootstrapStaticResources(
             listeners=[listener(settings)],
-            clusters=[
-                *(cluster(settings, name) for name in SERVICE_NAMES),
-                workers_cluster(settings),
-                *([collector_cluster(settings)] if settings.otlp_endpoint else []),
-            ],
+            clusters=clusters,
         ),
         overload_manager=_overload_manager(),
     )

@@ -43,6 +43,15 @@ class EdgeSettingsError(ValueError):
     """An edge setting is wrong; the message names it and says what is expected."""
 
 
+def edge_tls_dir(cfg: LlmeshConfig) -> str:
+    """The edge's certificate directory when mesh TLS is on (`tls.dir`/edge), else ""."""
+    if not cfg.tls.enabled:
+        return ""
+    if not cfg.tls.dir:
+        raise EdgeSettingsError("tls.dir: empty; name the directory `llmesh certs --out` wrote")
+    return str(Path(cfg.tls.dir).resolve() / "edge")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A "host:port" upstream address, split; `host` may be an IP literal or a DNS name."""
@@ -137,6 +146,9 @@ class EdgeSettings:
     node_id: str = "llmesh-edge"
     # OTLP/gRPC collector ("host:port") Envoy exports its request spans to; empty: no tracing.
     otlp_endpoint: str = ""
+    # mTLS to every llmesh upstream (control plane and workers) with the edge's certificate from
+    # this directory (ca.crt, tls.crt, tls.key, as `llmesh certs` writes them); empty: plaintext.
+    upstream_tls_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.admin_host not in _LOOPBACK_HOSTS:
@@ -198,4 +210,5 @@ class EdgeSettings:
             auth=cfg.address_of("auth"),
             scheduler=cfg.address_of("scheduler"),
             otlp_endpoint=collector_address(cfg.monitoring.otlp_endpoint),
+            upstream_tls_dir=edge_tls_dir(cfg),
         )

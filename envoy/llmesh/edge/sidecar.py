@@ -51,7 +51,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     SocketAddress,
     TransportSocket,
-    WatchedDirectory,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint as EnvoyEndpoint
@@ -69,28 +68,12 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
 )
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    CertificateValidationContext,
-    CommonTlsContext,
-    DownstreamTlsContext,
-    SubjectAltNameMatcher,
-    SubjectAltNameMatcherSanType,
-    TlsCertificate,
-    TlsParameters,
-    TlsParametersTlsProtocol,
-    UpstreamTlsContext,
-)
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
 from llmesh.edge.bootstrap import bootstrap as edge_bootstrap
 from llmesh.edge.filters import router_filter, typed
+from llmesh.edge.mtls import EDGE_IDENTITY, downstream_tls, upstream_tls
 from llmesh.edge.settings import EdgeSettings
-from llmesh.edge.workers import (
-    MAX_UPSTREAM_REQUESTS,
-    UPSTREAM_OPTIONS_KEY,
-    WORKERS_CLUSTER,
-    http2_upstream_options,
-)
+from llmesh.edge.workers import MAX_UPSTREAM_REQUESTS, UPSTREAM_OPTIONS_KEY, http2_upstream_options
 
 # Where every pod mounts its Secret `llmesh-mtls-<identity>` (ca.crt, tls.crt, tls.key).
 TLS_DIR = "/etc/llmesh/tls"
@@ -99,18 +82,9 @@ DESCRIPTOR_PATH = "/etc/llmesh/envoy/descriptor/llmesh_descriptor.pb"
 # The kubelet's plaintext port on every Envoy: the app's gRPC health and Envoy's own readiness.
 PROBE_PORT = 15021
 READY_PATH = "/healthz/ready"
-TRUST_DOMAIN = "llmesh"
 SECRET_PREFIX = "llmesh-mtls-"
-EDGE_IDENTITY = "edge"
-TLS_SOCKET = "envoy.transport_sockets.tls"
 HCM = "envoy.filters.network.http_connection_manager"
 LOCAL_APP_CLUSTER = "local_app"
-
-
-def spiffe_id(identity: str) -> str:
-    """The URI SAN a mesh certificate carries and peers check (namespace-free on purpose, so the
-    rendered configs hold in any namespace)."""
-    return f"spiffe://{TRUST_DOMAIN}/{identity}"
 
 
 @dataclass(frozen=True)
@@ -128,16 +102,15 @@ class MeshService:
 # The mesh's call graph (also what the NetworkPolicies allow; tests check they agree).
 MESH: dict[str, MeshService] = {
     "registry": MeshService("registry", 50052, 15052, clients=(EDGE_IDENTITY, "scheduler", "workers")),
-    "scheduler": MeshService("scheduler", 50054, 15054, clients=(EDGE_IDENTITY,), dials=("registry",)),
-    "auth": MeshService("auth", 50053, 15053, clients=(EDGE_IDENTITY,)),
-    "workers": MeshService("workers", 50060, 15060, clients=(EDGE_IDENTITY,), dials=("registry",)),
-}
-# The edge's upstream clusters and the identity each must present.
-EDGE_UPSTREAM_IDENTITY: dict[str, str] = {
-    "registry": "registry",
-    "auth": "auth",
-    "scheduler": "scheduler",
-    WORKERS_CLUSTER: "workers",
+    # The scheduler records usage with AuthService (RecordUsage); workers report a cancelled
+    # stream's usage to the scheduler (Release).
+    "scheduler": MeshService(
+        "scheduler", 50054, 15054, clients=(EDGE_IDENTITY, "workers"), dials=("registry", "auth")
+    ),
+    "auth": MeshService("auth", 50053, 15053, clients=(EDGE_IDENTITY, "scheduler")),
+    "workers": MeshService(
+        "workers", 50060, 15060, clients=(EDGE_IDENTITY,), dials=("registry", "scheduler")
+    ),
 }
 
 
@@ -175,55 +148,6 @@ class SidecarSettings:
 
 def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
-
-
-def _file(tls_dir: str, name: str) -> DataSource:
-    return DataSource(filename=f"{tls_dir}/{name}")
-
-
-def common_tls(tls_dir: str, peers: tuple[str, ...]) -> CommonTlsContext:
-    """Our certificate, the mesh CA, and the identities a peer may present (TLS 1.3 only, h2)."""
-    return CommonTlsContext(
-        # Both bounds: Envoy's clients default to a TLS 1.2 maximum, which with a 1.3 minimum
-        # leaves no version at all (NO_SUPPORTED_VERSIONS_ENABLED on every upstream connection).
-        tls_params=TlsParameters(
-            tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
-            tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
-        ),
-        tls_certificates=[
-            TlsCertificate(
-                certificate_chain=_file(tls_dir, "tls.crt"),
-                private_key=_file(tls_dir, "tls.key"),
-                # Secret volumes swap files atomically under this directory; Envoy reloads them.
-                watched_directory=WatchedDirectory(path=tls_dir),
-            )
-        ],
-        validation_context=CertificateValidationContext(
-            trusted_ca=_file(tls_dir, "ca.crt"),
-            watched_directory=WatchedDirectory(path=tls_dir),
-            match_typed_subject_alt_names=[
-                SubjectAltNameMatcher(
-                    san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=spiffe_id(peer))
-                )
-                for peer in peers
-            ],
-        ),
-        alpn_protocols=["h2"],
-    )
-
-
-def upstream_tls(tls_dir: str, identity: str) -> TransportSocket:
-    """mTLS to a peer that must present `identity`."""
-    context = UpstreamTlsContext(common_tls_context=common_tls(tls_dir, (identity,)), sni=identity)
-    return TransportSocket(name=TLS_SOCKET, typed_config=typed(context))
-
-
-def downstream_tls(tls_dir: str, clients: tuple[str, ...]) -> TransportSocket:
-    """mTLS from peers: a client certificate is required and must name one of `clients`."""
-    context = DownstreamTlsContext(
-        common_tls_context=common_tls(tls_dir, clients), require_client_certificate=True
-    )
-    return TransportSocket(name=TLS_SOCKET, typed_config=typed(context))
 
 
 def _relay_route(name: str, cluster: str, match: RouteMatch) -> Route:
@@ -424,16 +348,9 @@ def mesh_edge_bootstrap(
 ) -> Bootstrap:
     """The edge as llmesh.edge renders it, with mTLS to every upstream (workers included: EDS hands
     out their sidecars' mTLS ports) and the kubelet's probe listener."""
-    config = edge_bootstrap(settings)
+    config = edge_bootstrap(dataclasses.replace(settings, upstream_tls_dir=tls_dir))
     resources = config.static_resources
     assert resources is not None
-    for cluster in resources.clusters:
-        identity = EDGE_UPSTREAM_IDENTITY.get(cluster.name)
-        if identity is None:
-            raise ValueError(
-                f"edge cluster {cluster.name!r} has no mesh identity; add it to EDGE_UPSTREAM_IDENTITY"
-            )
-        cluster.transport_socket = upstream_tls(tls_dir, identity)
     resources.listeners.append(probe_listener(probe_port, health_cluster=None))
     return config
 

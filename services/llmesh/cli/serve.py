@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llmesh.common.config import LlmeshConfig, WorkerConfig
 from llmesh.common.server import ServiceFailed, run
+from llmesh.common.tls import MeshTlsError, setup_mesh_tls
 from llmesh.common.tracing import setup_tracing
 
 SERVICES = ("registry", "auth", "scheduler", "worker")
@@ -51,6 +52,9 @@ def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
     except ServiceFailed as failed:
         print(f"llmesh serve {args.service}: {failed}", file=sys.stderr)
         return 1
+    except MeshTlsError as error:
+        print(f"llmesh serve {args.service}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -61,6 +65,7 @@ def _serve(args: argparse.Namespace, cfg: LlmeshConfig) -> None:
         otlp_endpoint=cfg.monitoring.otlp_endpoint,
         console=args.trace_console or cfg.monitoring.trace_console,
     )
+    setup_mesh_tls(cfg, args.service, args.data_dir)
     if args.service == "registry":
         from llmesh.registry.server import RegistryServiceConfig, serve_registry
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from llmesh.cli.certs import write_bundle
 from llmesh.cli.stack import Stack, StackError
 from llmesh.common.config import LlmeshConfig, load_config
 
@@ -46,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--trace-console", action="store_true", help="every service prints its OpenTelemetry spans to its log"
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS between the services (certificates under DATA_DIR/tls, its CA reused); Envoy's public "
+        "listener stays plaintext",
     )
 
 
@@ -92,6 +99,14 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
     out = data_dir / "llmesh.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
+
+
+def tls_overrides(data_dir: Path) -> dict[str, str]:
+    """`--tls`: the mesh's certificates under `data_dir/tls` (`llmesh certs`; a CA already there is
+    reused), and the config overrides that make every child serve and dial with them."""
+    tls_dir = data_dir / "tls"
+    write_bundle(tls_dir)
+    return {"LLMESH_TLS__ENABLED": "true", "LLMESH_TLS__DIR": str(tls_dir)}
 
 
 def metrics_urls(stack: Stack, host: str) -> list[tuple[str, str]]:
@@ -188,8 +203,10 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     path = effective_config(args, base, config_path)
-    cfg = load_config(path)
+    tls = tls_overrides(args.data_dir.resolve()) if args.tls else {}
+    cfg = load_config(path, tls)
     stack = Stack(args.data_dir.resolve(), path)
+    stack.env.update(tls)
     if args.trace_console:
         stack.env["LLMESH_MONITORING__TRACE_CONSOLE"] = "true"
     stop = threading.Event()

@@ -1,10 +1,15 @@
-"""Client channels between llmesh services: keepalive so dead peers are noticed quickly."""
+"""Client channels between llmesh services: keepalive so dead peers are noticed quickly, and mTLS
+when this process has a mesh identity (`llmesh up --tls`, see llmesh.common.tls)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from grpc import aio
 
 from llmesh.common.grpc_metrics import client_metrics_interceptors
+from llmesh.common.tls import mesh_identity
 from llmesh.common.tracing import client_interceptors
 
 
@@ -25,11 +30,25 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-def insecure_channel(address: str) -> aio.Channel:
-    """An asyncio client channel with llmesh's keepalive settings, its calls counted (and
-    traced, with `traceparent` sent, when tracing is on)."""
-    return aio.insecure_channel(
-        address,
-        options=channel_options(),
-        interceptors=[*client_metrics_interceptors(), *client_interceptors()],  # type: ignore[list-item]  # grpc-stubs' aio types are partial
+def peer_channel(address: str, peer: str = "", interceptors: Sequence[Any] = ()) -> aio.Channel:
+    """A channel to the service whose mesh identity is `peer` (registry, scheduler, auth, workers).
+
+    Plaintext unless this process has a mesh identity; then mTLS: we present our certificate, and
+    the server's must chain to the mesh CA and name `peer` (a DNS SAN of `llmesh certs`), whatever
+    `address` says (empty `peer`: the server must name `address`'s host).
+    """
+    identity = mesh_identity()
+    if identity is None:
+        return aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
+    options: list[tuple[str, Any]] = channel_options()
+    if peer:
+        options.append(("grpc.ssl_target_name_override", peer))
+    return aio.secure_channel(
+        address, identity.channel_credentials(), options=options, interceptors=interceptors
     )
+
+
+def service_channel(address: str, peer: str = "") -> aio.Channel:
+    """`peer_channel` with its calls counted (and traced, with `traceparent` sent, when
+    tracing is on)."""
+    return peer_channel(address, peer, [*client_metrics_interceptors(), *client_interceptors()])

@@ -231,6 +231,23 @@ class MonitoringConfig:
     trace_console: bool = False
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """mTLS between the services on one machine (`llmesh up --tls`).
+
+    In Kubernetes the Envoy sidecars carry mTLS and the apps stay plaintext on loopback (leave this
+    off there). On one machine every process shares the loopback, so with `enabled` each gRPC
+    server requires a client certificate signed by the mesh CA, every channel between services
+    presents the caller's own certificate and checks the peer's, and the local Envoy edge speaks
+    mTLS to every upstream. `dir` is what `llmesh certs --out DIR` writes: `<identity>/ca.crt`,
+    `tls.crt`, `tls.key` per identity (registry, scheduler, auth, workers, edge); empty means
+    `<data-dir>/tls`.
+    """
+
+    enabled: bool = False
+    dir: str = ""
+
+
 # Offsets of each process's metrics port from `monitoring.metrics_base_port`.
 METRICS_PORT_OFFSETS = {"registry": 0, "scheduler": 1, "auth": 2, "worker": 10}
 
@@ -250,6 +267,7 @@ class LlmeshConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    tls: TlsConfig = TlsConfig()
 
     def address_of(self, service: str) -> str:
         """The address to dial for `service` (registry, auth, scheduler)."""

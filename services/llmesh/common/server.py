@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmesh.common.grpc_metrics import ServerMetricsInterceptor
 from llmesh.common.interceptors import ErrorMappingInterceptor
+from llmesh.common.tls import mesh_identity
 from llmesh.common.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,13 @@ async def start_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    identity = mesh_identity()
     try:
-        port = server.add_insecure_port(listen)
+        if identity is None:
+            port = server.add_insecure_port(listen)
+        else:
+            # mTLS (`llmesh up --tls`): only callers with a mesh certificate get in.
+            port = server.add_secure_port(listen, identity.server_credentials())
     except RuntimeError:  # grpcio reports bind failures this way
         port = 0
     if port == 0:
@@ -140,7 +146,7 @@ async def start_server(
     await server.start()
     running = RunningServer(name=name, server=server, port=port, health=health, service_names=service_names)
     await running.set_serving(False)
-    log.info("%s listening", name, extra={"port": port, "listen": listen})
+    log.info("%s listening", name, extra={"port": port, "listen": listen, "mtls": identity is not None})
     return running
 
 

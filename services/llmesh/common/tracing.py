@@ -2,7 +2,7 @@
 
 `setup_tracing` runs once per process (in `llmesh serve`) with `monitoring.otlp_endpoint` and
 `monitoring.trace_console`; with neither set no tracer provider is installed, no interceptor is
-added and a request pays nothing. When on, every gRPC server and `insecure_channel` client gets
+added and a request pays nothing. When on, every gRPC server and `service_channel` client gets
 opentelemetry-instrumentation-grpc's asyncio interceptors, so W3C `traceparent` flows through the
 calls between services; each JSON log line written inside a span carries `trace_id` and `span_id`.
 

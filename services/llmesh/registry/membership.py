@@ -23,7 +23,7 @@ from collections.abc import Callable
 import grpc
 from grpc import aio
 
-from llmesh.common.channels import channel_options
+from llmesh.common.channels import peer_channel
 from llmesh.common.errors import Conflict, InvalidRequest
 from llmesh.common.v1 import common_pb2
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
@@ -55,17 +55,10 @@ def _refusal(worker_id: str, e: aio.AioRpcError) -> MembershipRefused:
     return error
 
 
-# Control-plane channels reconnect quickly after a peer restart (gRPC's default backoff grows to 120 s).
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
-
-
 def control_channel(address: str) -> aio.Channel:
-    """A client channel for control-plane calls: llmesh keepalive plus a short reconnect backoff."""
-    return aio.insecure_channel(address, options=[*channel_options(), *RECONNECT_OPTIONS])
+    """A client channel to the registry for control-plane calls: llmesh keepalive and its short
+    reconnect backoff, mTLS with mesh TLS on."""
+    return peer_channel(address, "registry")
 
 
 class WorkerMembership:

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc import aio
 
-from llmesh.common.channels import insecure_channel
+from llmesh.common.channels import service_channel
 from llmesh.common.config import ConfigError, LlmeshConfig
 from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
@@ -113,7 +113,7 @@ async def _start(config: SchedulerServiceConfig) -> tuple[RunningServer, Registr
         traffic=traffic.weights,
     )
     metrics.POOLS.watch(pool)
-    registry_channel = insecure_channel(config.registry_address)
+    registry_channel = service_channel(config.registry_address, "registry")
     catalog = ModelCatalog(
         registry_grpc.RegistryServiceStub(registry_channel), config.catalog_cache_seconds, served=pool.serves
     )

@@ -12,7 +12,7 @@ from grpc import aio
 
 from llmesh.auth.v1 import auth_service_pb2 as auth_pb
 from llmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from llmesh.common.channels import insecure_channel
+from llmesh.common.channels import service_channel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class AuthUsageSink:
     id until it lands — RecordUsage is idempotent per request id, so a retry never charges twice."""
 
     def __init__(self, auth_address: str, *, retry_for_s: float = 600.0) -> None:
-        self._channel = insecure_channel(auth_address)
+        self._channel = service_channel(auth_address, "auth")
         self._stub = auth_grpc.AuthServiceStub(self._channel)
         self._retry_for_s = retry_for_s
         self._tasks: set[asyncio.Task[None]] = set()

@@ -12,7 +12,7 @@ import logging
 
 from grpc import aio
 
-from llmesh.common.channels import insecure_channel
+from llmesh.common.channels import service_channel
 from llmesh.scheduler.v1 import scheduler_service_pb2 as sched_pb
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 
@@ -23,7 +23,7 @@ class LeaseReporter:
     """Sends cancelled streams' usage to the scheduler, off the request's path."""
 
     def __init__(self, scheduler_address: str) -> None:
-        self._channel = insecure_channel(scheduler_address)
+        self._channel = service_channel(scheduler_address, "scheduler")
         self._stub = sched_grpc.SchedulerServiceStub(self._channel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
