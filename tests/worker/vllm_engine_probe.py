@@ -61,7 +61,14 @@ async def main(model_dir: Path, multiproc_method: str) -> None:
         )
     )
     await engine.start()
-    emit("started", seconds=engine.start_seconds, models=[asdict(m) for m in engine.models()])
+    from vllm.platforms import current_platform
+
+    emit(
+        "started",
+        seconds=engine.start_seconds,
+        models=[asdict(m) for m in engine.models()],
+        platform=current_platform.device_type,
+    )
 
     chat = GenerationInput.messages([ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!")])
     req = GenerationRequest("chat-1", MODEL, chat, Sampling(max_tokens=16, ignore_eos=True, seed=1))

