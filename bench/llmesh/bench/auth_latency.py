@@ -300,6 +300,21 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def auth_latency_section(results: dict[str, Any]) -> list[str]:
+    """The report's lines: what was measured, and the table (or why there is none)."""
+    if results.get("status") != "ok":
+        return [f"Auth latency: {results.get('status')}"]
+    s = results["settings"]
+    return [
+        f"One request at a time, {s['requests']} per scenario and edge, the edges alternating in blocks of "
+        f"{s['block']}; one stack (registry, a ScriptedEngine-double worker) behind an Envoy without ext_authz "
+        "and one with it (AuthService, usage recorded to its ledger). Added = on - off; on/off = the ratio; "
+        "auth CPU = AuthService's CPU per request on the auth edge (Check, and for chat RecordUsage).",
+        "",
+        format_table(results),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="per scenario and edge")

@@ -210,6 +210,13 @@ async def run_all(settings: BenchSettings, results: dict[str, Any]) -> None:
         from llmesh.bench.overhead import run_overhead
 
         results["overhead"] = await run_overhead(settings, run_root / "overhead")
+    if settings.wants("auth"):
+        from llmesh.bench.auth_latency import AuthLatencySettings, run_auth_latency
+
+        auth = (
+            AuthLatencySettings(requests=40, block=10, warmup=5) if settings.quick else AuthLatencySettings()
+        )
+        results["auth_latency"] = await run_auth_latency(auth, run_root / "auth")
     if settings.wants("telemetry"):
         from llmesh.bench.telemetry import run_telemetry
 
@@ -271,6 +278,8 @@ def bench_main(args: argparse.Namespace, cfg: Any) -> int:
         print(f"published: {', '.join(str(p) for p in published)}")
     statuses = [t.get("status", "") for t in results.get("targets", {}).values()]
     statuses += [
-        results.get(k, {}).get("status", "ok") for k in ("overhead", "soak", "telemetry") if k in results
+        results.get(k, {}).get("status", "ok")
+        for k in ("overhead", "soak", "telemetry", "auth_latency")
+        if k in results
     ]
     return 1 if any(s.startswith("failed") for s in statuses) else 0

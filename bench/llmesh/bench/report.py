@@ -315,6 +315,15 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             *telemetry_section(results["telemetry"]),
         ]
+    if "auth_latency" in results:
+        from llmesh.bench.auth_latency import auth_latency_section
+
+        lines += [
+            "",
+            "## ext_authz latency (auth on vs off)",
+            "",
+            *auth_latency_section(results["auth_latency"]),
+        ]
     checks = target_checks(results)
     if checks:
         lines += ["", "## Targets (issue 7)", "", "| goal | measured | verdict |", "|---|---|---|"]

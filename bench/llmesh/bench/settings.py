@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # vllm serve, llmesh REST through Envoy, llmesh native gRPC through Envoy, the picker's added TTFT,
-# llmesh REST with telemetry off and on.
-ALL_TARGETS = ("baseline", "rest", "grpc", "overhead", "telemetry")
-# `telemetry` starts two more stacks (minutes each on a small machine): asked for by name.
+# llmesh REST with telemetry off and on, the latency ext_authz adds (auth on vs off).
+ALL_TARGETS = ("baseline", "rest", "grpc", "overhead", "telemetry", "auth")
+# `telemetry` starts two more stacks (minutes each on a small machine), `auth` (ext_authz's added
+# latency, llmesh.bench.auth_latency) one of its own: asked for by name.
 DEFAULT_TARGETS = ("baseline", "rest", "grpc", "overhead")
 ENGINE_TARGETS = ("baseline", "rest", "grpc", "telemetry")
 MODEL_NAME = "tiny-llama"
