@@ -64,6 +64,7 @@ async def test_telemetry_target_runs_off_then_on_and_reports_the_ratio(
     assert "llmesh-edge" in result["spans_by_service"], result["spans_by_service"]
     (ratio,) = result["ratios"]
     assert ratio["concurrency"] == 2 and ratio["tok_s_on_off"] > 0 and ratio["ttft_p50_on_off"] > 0
+    assert ratio["frontend_cpu_us_per_token_off"] > 0 and ratio["frontend_cpu_us_per_token_on"] > 0
 
     text = markdown({"meta": {}, "telemetry": result})
     assert "## Telemetry cost (metrics and tracing on vs off)" in text

@@ -26,7 +26,7 @@ import httpx
 
 from llmesh.bench.otlp_collector import OtlpCollector, start_collector
 from llmesh.bench.procs import ProcessMeter
-from llmesh.bench.report import level_at
+from llmesh.bench.report import frontend_cpu, level_at
 from llmesh.bench.run import LLMESH_FRONTEND, print_level, say, vllm_level, vllm_load
 from llmesh.bench.settings import BenchSettings
 from llmesh.bench.targets import LlmeshStack, vllm_model_entry, write_llmesh_config
@@ -130,7 +130,9 @@ async def _variant(
 
 
 def ratios(off: dict[str, Any], on: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per concurrency level: on / off for output tok/s and TTFT p50 and p99."""
+    """Per concurrency level: on / off for output tok/s and TTFT p50 and p99, and the frontend's
+    CPU per output token off and on (steadier than tok/s on a shared machine: it does not depend
+    on how much CPU the other tenants left)."""
     out = []
     for level_off in off.get("levels", []):
         level_on = level_at(on, level_off["concurrency"])
@@ -146,6 +148,8 @@ def ratios(off: dict[str, Any], on: dict[str, Any]) -> list[dict[str, Any]]:
                 "tok_s_on_off": ratio(level_on["output_tokens_per_s"], level_off["output_tokens_per_s"]),
                 "ttft_p50_on_off": ratio(level_on["ttft_ms"]["p50"], level_off["ttft_ms"]["p50"]),
                 "ttft_p99_on_off": ratio(level_on["ttft_ms"]["p99"], level_off["ttft_ms"]["p99"]),
+                "frontend_cpu_us_per_token_off": frontend_cpu(level_off, LLMESH_FRONTEND)[1],
+                "frontend_cpu_us_per_token_on": frontend_cpu(level_on, LLMESH_FRONTEND)[1],
             }
         )
     return out
@@ -178,7 +182,8 @@ async def run_telemetry(
     for r in result["ratios"]:
         say(
             f"telemetry c={r['concurrency']}: tok/s on/off {_x(r['tok_s_on_off'])}, "
-            f"TTFT p50 on/off {_x(r['ttft_p50_on_off'])}, p99 {_x(r['ttft_p99_on_off'])}"
+            f"TTFT p50 on/off {_x(r['ttft_p50_on_off'])}, p99 {_x(r['ttft_p99_on_off'])}, frontend CPU "
+            f"{r['frontend_cpu_us_per_token_off']:.0f} -> {r['frontend_cpu_us_per_token_on']:.0f} µs/token"
         )
     return result
 
@@ -196,10 +201,12 @@ def telemetry_section(result: dict[str, Any]) -> list[str]:
         "tracing; `on` = every process's `/metrics` served and scraped every "
         f"{SCRAPE_INTERVAL_S:.0f} s, traces from Envoy and every service exported over OTLP/gRPC to a "
         f"collector in the bench process ({result['on']['spans_received']} spans received). In-process "
-        "metric updates run in both.",
+        "metric updates run in both. Frontend CPU: µs of CPU per output token of the worker process, "
+        "Envoy, scheduler, registry and auth together (engine core excluded).",
         "",
-        "| streams | tok/s off | tok/s on | on/off | TTFT p50 off / on ms | TTFT p99 off / on ms | failed off / on |",
-        "|--:|--:|--:|--:|--:|--:|--:|",
+        "| streams | tok/s off | tok/s on | on/off | TTFT p50 off / on ms | TTFT p99 off / on ms "
+        "| frontend CPU µs/token off / on | failed off / on |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in result["ratios"]:
         c = r["concurrency"]
@@ -208,6 +215,8 @@ def telemetry_section(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {c} | {off['output_tokens_per_s']:,.0f} | {on['output_tokens_per_s']:,.0f} | "
             f"{_x(r['tok_s_on_off'])} | {off['ttft_ms']['p50']:.1f} / {on['ttft_ms']['p50']:.1f} | "
-            f"{off['ttft_ms']['p99']:.1f} / {on['ttft_ms']['p99']:.1f} | {off['failed']} / {on['failed']} |"
+            f"{off['ttft_ms']['p99']:.1f} / {on['ttft_ms']['p99']:.1f} | "
+            f"{r['frontend_cpu_us_per_token_off']:,.0f} / {r['frontend_cpu_us_per_token_on']:,.0f} | "
+            f"{off['failed']} / {on['failed']} |"
         )
     return lines
