@@ -129,6 +129,39 @@ async def test_a_request_the_picker_refuses_gives_its_slot_back(stack_factory, t
     ]
 
 
+async def test_a_request_cancelled_while_it_queues_gives_its_slot_back(stack_factory, tmp_path: Path) -> None:
+    """The worker is full (MODEL.max_num_seqs streams on another key), so the key's request waits in
+    the picker's queue; its client gives up there. No lease, no worker: the picker still reports it,
+    so the key's only slot is free at once instead of after the reservation timeout."""
+    stack = await stack_factory({"w0": engine(tokens_per_second=10)}, edge=True, auth=True)
+    key = await make_key(stack, "jade", limits=auth_pb.Limits(max_parallel=1))
+    busy = [
+        await open_stream(stack, stack.admin_key, chat(max_tokens=64, ignore_eos=True))
+        for _ in range(MODEL.max_num_seqs)
+    ]
+    assert not any(isinstance(b, grpc.StatusCode) for b in busy), busy
+    queued = stack.models.StreamChatCompletion(chat(max_tokens=4, ignore_eos=True), metadata=bearer(key))
+    waiting = asyncio.ensure_future(drain(queued))
+    await asyncio.sleep(1.0)
+    assert not waiting.done(), "the request should be queued, not answered"
+    assert not await admitted_by_check(stack, key)  # it holds the key's slot while it queues
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    deadline = time.monotonic() + 10
+    while not await admitted_by_check(stack, key):
+        assert time.monotonic() < deadline, "the queued request's slot was not given back"
+        await asyncio.sleep(0.05)
+    for b in busy:
+        assert not isinstance(b, grpc.StatusCode)
+        b.cancel()
+    rows = await asyncio.to_thread(ledger_rows, tmp_path)
+    cancelled = [
+        r for r in rows if r.outcome == "cancelled" and r.completion_tokens == 0 and r.prompt_tokens == 0
+    ]
+    assert len(cancelled) == 1, rows
+
+
 @pytest.fixture
 def doomed_worker(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
     """Starts a scripted-double worker as a child process (so it can be SIGKILLed) registering with

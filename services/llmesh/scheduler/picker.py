@@ -118,6 +118,9 @@ class _Exchange:
     tenant: str = ""
     prompt_estimate: int = 0
     lease: Lease | None = None
+    # The resolved model name ("" until known), and whether the picker refused the request.
+    model: str = ""
+    refused: bool = False
 
 
 class EndpointPicker(ext_grpc.ExternalProcessorServicer):
@@ -151,9 +154,11 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                     path = exchange.request_headers.get(":path", "")
                     if path not in INFERENCE_METHODS:
                         # The edge routes nothing else through the picker: an unknown method.
+                        exchange.refused = True
                         yield immediate_error(NotImplementedYet(f"{path} is not an RPC of this API"))
                         return
                     if message.request_headers.end_of_stream:
+                        exchange.refused = True
                         yield immediate_error(
                             InvalidRequest("the request has no body; send the RPC's message")
                         )
@@ -180,7 +185,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             facts = read_request(hdrs.get(":path", ""), body, hdrs.get("grpc-encoding", ""))
             self._pool.check_synced()
             model = await self._catalog.resolve(facts.model)
-            model_name = model.name
+            model_name = exchange.model = model.name
             demand = Demand(
                 request_id=exchange.request_id,
                 model=model.name,
@@ -199,19 +204,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             log.info("request refused", extra={"error": error.message, "code": code})
             if self._traffic is not None:
                 self._traffic.refused(model_name, code)
-            if hdrs.get(headers.REQUEST_ID):
-                # AuthService admitted it (and minted the id): settle its reservation now (budget,
-                # credits, a max_parallel slot), not when the reservation times out.
-                refused = UsageReport(
-                    request_id=exchange.request_id,
-                    model="",
-                    worker_id="",
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    outcome="rejected",
-                    tenant=exchange.tenant,
-                )
-                self._usage.report(refused)
+            exchange.refused = True
             return immediate_error(error)
         exchange.lease = lease
         exchange.prompt_estimate = facts.prompt_tokens
@@ -232,6 +225,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         """Release the lease and report usage: once, whichever way the stream ended."""
         lease = exchange.lease
         if lease is None:
+            self._report_unleased(exchange)
             return
         exchange.lease = None
         trailers = exchange.trailers
@@ -276,6 +270,24 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             self._usage.report_untrailed(lease.lease_id, report)
         else:
             self._usage.report(report)
+
+    def _report_unleased(self, exchange: _Exchange) -> None:
+        """A request AuthService admitted (it minted the id) that never got a lease: refused here,
+        or gone while it queued. Reported with no tokens, so its reservation (budget, credits, a
+        max_parallel slot) is settled now rather than when the reservation times out."""
+        request_id = exchange.request_headers.get(headers.REQUEST_ID)
+        if not request_id:
+            return
+        report = UsageReport(
+            request_id=request_id,
+            model=exchange.model,
+            worker_id="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            outcome="rejected" if exchange.refused else "cancelled",
+            tenant=exchange.request_headers.get("x-llmesh-tenant", ""),
+        )
+        self._usage.report(report)
 
 
 def _int(value: str | None) -> int:
