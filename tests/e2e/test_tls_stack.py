@@ -6,7 +6,8 @@ The stack runs as processes (llmesh.cli.stack.Stack, as `llmesh up` runs it) wit
 ScriptedEngine double and — where vLLM is installed — a worker on the real tiny model, then Envoy.
 A chat stream through Envoy crosses ext_authz, ext_proc, EDS and the worker route, all over mTLS;
 a client without a mesh certificate, with one from another CA, or expecting another identity is
-refused at the services' own ports.
+refused at the services' own ports, and a mesh identity the call graph does not let call a
+service is refused by that service.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from llmesh.cli.serve import serve_main
 from llmesh.cli.stack import Stack
 from llmesh.cli.up import tls_overrides
 from llmesh.common.config import LlmeshConfig, TlsConfig, load_config
+from llmesh.common.tls import CALLERS
 from llmesh.edge.bootstrap import bootstrap
 from llmesh.edge.mtls import EDGE_UPSTREAM_IDENTITY
 from llmesh.edge.settings import EdgeSettings, EdgeSettingsError
+from llmesh.edge.sidecar import MESH
 from llmesh.edge.tracing import COLLECTOR_CLUSTER
 from llmesh.model.v1 import model_service_pb2 as pb
 from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
@@ -52,6 +55,7 @@ class TlsStack:
     edge: str
     edge_admin_port: int
     registry: str
+    services: dict[str, str]  # registry, auth, scheduler -> address
     workers: dict[str, str]  # worker id -> address
     tls_dir: Path
     api_key: str
@@ -126,6 +130,7 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
             edge=edge,
             edge_admin_port=int(stack.child("envoy").info["admin_port"]),  # type: ignore[call-overload]
             registry=addresses["registry"],
+            services=addresses,
             workers={c.name: f"127.0.0.1:{c.port}" for c in workers},
             tls_dir=Path(tls["LLMESH_TLS__DIR"]),
             api_key=api_key,
@@ -262,6 +267,31 @@ async def test_server_must_present_the_identity_the_client_dialled(tls_stack: Tl
     # The registry's certificate chains to the CA but is not AuthService's.
     credentials = _mesh_credentials(tls_stack.tls_dir)
     assert await _refusal(tls_stack.registry, credentials, "auth") == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("caller", "target"),
+    [("auth", "worker"), ("workers", "auth"), ("registry", "scheduler")],
+)
+async def test_a_mesh_identity_outside_the_call_graph_is_refused(
+    tls_stack: TlsStack, caller: str, target: str
+) -> None:
+    # The certificate is the mesh's own, but `caller` never calls `target` (CALLERS).
+    address = tls_stack.workers["scripted-0"] if target == "worker" else tls_stack.services[target]
+    credentials = _mesh_credentials(tls_stack.tls_dir, caller)
+    peer = "workers" if target == "worker" else target
+    options = (("grpc.ssl_target_name_override", peer),)
+    async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _health(channel)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert f"spiffe://llmesh/{caller}" in (refused.value.details() or "")
+
+
+def test_the_services_admit_the_callers_the_sidecars_admit() -> None:
+    assert {name: set(service.clients) for name, service in MESH.items()} == {
+        name: set(callers) for name, callers in CALLERS.items()
+    }
 
 
 async def test_client_with_a_mesh_certificate_passes(tls_stack: TlsStack) -> None:

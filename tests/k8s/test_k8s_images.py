@@ -14,10 +14,10 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from llmesh.cli.certs import IDENTITIES, secret_manifests, spiffe_id, write_bundle
+from llmesh.cli.certs import IDENTITIES, secret_manifests, write_bundle
 from llmesh.cli.main import main as llmesh_main
 from llmesh.common.config import LlmeshConfig, build
-from llmesh.edge import mtls, sidecar
+from llmesh.edge import sidecar
 from tests.k8s.manifests import DOCKERFILES, ROOT, tool
 from tests.support import require
 
@@ -129,13 +129,12 @@ def test_certs_chain_to_one_ca_and_name_their_identity(tmp_path: Path) -> None:
         leaf = x509.load_pem_x509_certificate((tmp_path / identity / "tls.crt").read_bytes())
         leaf.verify_directly_issued_by(ca)
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id(identity)]
+        # The identity the sidecars and the services check (llmesh.common.tls.spiffe_id).
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://llmesh/{identity}"]
         assert f"{identity}.llmesh.svc" in sans.get_values_for_type(x509.DNSName)
         usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
         assert (tmp_path / identity / "tls.key").stat().st_mode & 0o077 == 0
-        # The identity the sidecars check is the one the certificate carries.
-        assert mtls.spiffe_id(identity) == spiffe_id(identity)
     secrets = list(yaml.safe_load_all((tmp_path / "secrets.yaml").read_text()))
     assert {s["metadata"]["name"] for s in secrets} == {f"{sidecar.SECRET_PREFIX}{i}" for i in IDENTITIES}
     for secret in secrets:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmesh.edge.mtls import spiffe_id
+from llmesh.common.tls import spiffe_id
 from llmesh.edge.sidecar import MESH, PROBE_PORT, SECRET_PREFIX, TLS_DIR
 from tests.k8s.manifests import (
     CRD_KINDS,

@@ -22,12 +22,11 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
+from llmesh.common.tls import spiffe_id
 from llmesh.edge.filters import typed
 from llmesh.edge.tracing import COLLECTOR_CLUSTER
 from llmesh.edge.workers import WORKERS_CLUSTER
 
-TRUST_DOMAIN = "llmesh"
-EDGE_IDENTITY = "edge"
 TLS_SOCKET = "envoy.transport_sockets.tls"
 
 # The edge's upstream clusters and the identity each must present.
@@ -39,12 +38,6 @@ EDGE_UPSTREAM_IDENTITY: dict[str, str] = {
 }
 # Edge clusters outside the mesh, left as configured: the OTLP collector is not an llmesh service.
 OUTSIDE_MESH: frozenset[str] = frozenset({COLLECTOR_CLUSTER})
-
-
-def spiffe_id(identity: str) -> str:
-    """The URI SAN a mesh certificate carries and peers check (namespace-free on purpose, so the
-    rendered configs hold in any namespace)."""
-    return f"spiffe://{TRUST_DOMAIN}/{identity}"
 
 
 def _file(tls_dir: str, name: str) -> DataSource:

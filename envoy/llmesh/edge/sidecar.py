@@ -69,9 +69,10 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerCodecType,
 )
 
+from llmesh.common.tls import EDGE_IDENTITY
 from llmesh.edge.bootstrap import bootstrap as edge_bootstrap
 from llmesh.edge.filters import router_filter, typed
-from llmesh.edge.mtls import EDGE_IDENTITY, downstream_tls, upstream_tls
+from llmesh.edge.mtls import downstream_tls, upstream_tls
 from llmesh.edge.settings import EdgeSettings
 from llmesh.edge.workers import MAX_UPSTREAM_REQUESTS, UPSTREAM_OPTIONS_KEY, http2_upstream_options
 

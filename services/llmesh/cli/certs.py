@@ -30,16 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from llmesh.common.tls import spiffe_id
+
 IDENTITIES: tuple[str, ...] = ("registry", "scheduler", "auth", "workers", "edge")
-TRUST_DOMAIN = "llmesh"
 SECRET_PREFIX = "llmesh-mtls-"
 CA_DAYS = 3650
 LEAF_DAYS = 365
-
-
-def spiffe_id(identity: str) -> str:
-    """The URI SAN of `identity` (the same as llmesh.edge.sidecar's, which peers match)."""
-    return f"spiffe://{TRUST_DOMAIN}/{identity}"
 
 
 @dataclass(frozen=True)

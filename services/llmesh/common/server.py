@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmesh.common.grpc_metrics import ServerMetricsInterceptor
 from llmesh.common.interceptors import ErrorMappingInterceptor
-from llmesh.common.tls import mesh_identity
+from llmesh.common.tls import caller_check_interceptors, mesh_identity
 from llmesh.common.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ async def start_server(
             ServerMetricsInterceptor(),
             *server_interceptors(),
             ErrorMappingInterceptor(),
+            # With mesh TLS: only the identities allowed to call this service get further.
+            *caller_check_interceptors(name),
             *interceptors,
         ],
         options=server_options(max_message_bytes),
