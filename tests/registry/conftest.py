@@ -119,8 +119,10 @@ async def make_registry(sqlite_url: str) -> AsyncIterator[RegistryFactory]:
         ttl: float = 10.0,
         interval: float = 0.1,
         models: tuple[ModelConfig, ...] = MODELS,
+        supervisor_address: str = "",
     ) -> tuple[RunningServer, registry_grpc.RegistryServiceStub]:
         config = RegistryServiceConfig(
+            supervisor_address=supervisor_address,
             listen=listen,
             database_url=database_url,
             heartbeat_ttl_seconds=ttl,

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     db.add_arguments(sub.add_parser("db", help="SQL migrations: `llmesh db upgrade`, `llmesh db current`"))
 
+    from llmesh.cli import workers
+
+    workers.add_arguments(
+        sub.add_parser("workers", help="the cluster's workers and their load (from the registry)")
+    )
+
     from llmesh.cli import certs
 
     certs.add_arguments(sub.add_parser("certs", help="a local CA and per-service mTLS certificates"))
@@ -100,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmesh.cli.db import db_main
 
         return db_main(args, cfg)
+    if args.command == "workers":
+        from llmesh.cli.workers import workers_main
+
+        return workers_main(args, cfg)
     if args.command == "certs":
         from llmesh.cli.certs import certs_main
 

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models-file", type=Path, help="registry: a models YAML upserted into the catalog at start-up"
     )
     parser.add_argument("--trace-console", action="store_true", help="print OpenTelemetry spans to stderr")
+    parser.add_argument(
+        "--registry",
+        help="HOST:PORT of the registry to join/dial (a worker on another machine joins the cluster)",
+    )
+    parser.add_argument("--scheduler", help="HOST:PORT of the scheduler (overrides endpoints.scheduler)")
 
 
 def _worker_entry(cfg: LlmeshConfig, worker_id: str | None) -> tuple[int, WorkerConfig]:
@@ -47,6 +52,9 @@ def database_url(cfg: LlmeshConfig, data_dir: Path) -> str:
 
 def serve_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
     """Run one service until it is signalled (exit 0) or fails (exit 1, the reason on stderr)."""
+    given = {name: getattr(args, name) for name in ("registry", "scheduler") if getattr(args, name, None)}
+    if given:  # the flags win over the config's endpoints
+        cfg = dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints, **given))
     try:
         _serve(args, cfg)
     except ServiceFailed as failed:

@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,11 @@ class Child:
     ready_file: Path
     log_file: Path
     info: dict[str, object] = field(default_factory=dict)
+    # Started at runtime (StartModelInstance): its exit is the supervisor's business, not a reason
+    # to stop the stack.
+    on_demand: bool = False
+    # Being stopped on purpose: its exit is expected.
+    stopping: bool = False
 
     @property
     def port(self) -> int:
@@ -61,6 +68,11 @@ class Stack:
         self.config_path = config_path
         self.env = dict(os.environ if env is None else env)
         self.children: list[Child] = []
+        # Guards `children`: the supervisor's RPC threads start and stop workers while `llmesh up`
+        # watches them.
+        self.lock = threading.RLock()
+        # Called first by stop_all (the supervisor stops taking requests to start workers).
+        self.on_stop: list[Callable[[], None]] = []
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "run").mkdir(parents=True, exist_ok=True)
 
@@ -78,15 +90,26 @@ class Stack:
         """Wait until a spawned child reports ready (StackError with its log's tail if it does not)."""
         self._wait_ready(child, READY_TIMEOUT_S.get(child.kind, DEFAULT_READY_TIMEOUT_S))
 
-    def spawn(self, kind: str, *, name: str | None = None, listen: str, extra: tuple[str, ...] = ()) -> Child:
-        """Start `llmesh serve <kind>` without waiting (start several workers' engines at once)."""
+    def spawn(
+        self,
+        kind: str,
+        *,
+        name: str | None = None,
+        listen: str,
+        extra: tuple[str, ...] = (),
+        config_path: Path | None = None,
+        on_demand: bool = False,
+    ) -> Child:
+        """Start `llmesh serve <kind>` without waiting (start several workers' engines at once);
+        `config_path` overrides the stack's config file for this child."""
         name = name or kind
         ready = self.run_dir / "run" / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_file = self.run_dir / "logs" / f"{name}.log"
         argv = [sys.executable, "-m", "llmesh.cli.main"]
-        if self.config_path is not None:
-            argv += ["--config", str(self.config_path)]
+        config_path = config_path or self.config_path
+        if config_path is not None:
+            argv += ["--config", str(config_path)]
         argv += [
             "serve",
             kind,
@@ -106,8 +129,11 @@ class Stack:
             process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, process_group=0
             )
-        child = Child(name=name, kind=kind, process=process, ready_file=ready, log_file=log_file)
-        self.children.append(child)
+        child = Child(
+            name=name, kind=kind, process=process, ready_file=ready, log_file=log_file, on_demand=on_demand
+        )
+        with self.lock:
+            self.children.append(child)
         return child
 
     def _wait_ready(self, child: Child, timeout_s: float) -> None:
@@ -128,25 +154,41 @@ class Stack:
         )
 
     def child(self, name: str) -> Child:
-        for c in self.children:
-            if c.name == name:
-                return c
+        with self.lock:
+            for c in self.children:
+                if c.name == name:
+                    return c
         raise KeyError(name)
+
+    def exited_children(self) -> list[Child]:
+        """Children that ended on their own: neither stopped on purpose nor started on demand."""
+        with self.lock:
+            return [
+                c for c in self.children if not (c.stopping or c.on_demand) and c.process.poll() is not None
+            ]
+
+    def forget(self, child: Child) -> None:
+        """Drop an ended child from the stack (no-op when it is already gone)."""
+        with self.lock:
+            if child in self.children:
+                self.children.remove(child)
 
     def stop(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM one child and wait for it (SIGKILL after `timeout_s`)."""
         child = self.child(name)
+        child.stopping = True
         self._terminate(child, timeout_s)
-        self.children.remove(child)
+        self.forget(child)
         return child.process.returncode
 
     def kill(self, name: str) -> None:
         """SIGKILL one child at once (crash tests)."""
         child = self.child(name)
+        child.stopping = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, signal.SIGKILL)
         child.process.wait()
-        self.children.remove(child)
+        self.forget(child)
 
     @staticmethod
     def _terminate(child: Child, timeout_s: float) -> None:
@@ -165,15 +207,23 @@ class Stack:
     def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every child: workers first, together (each leaves the pool and lets its streams
         finish while Envoy still relays them), then Envoy, then the rest newest first."""
-        workers = [c for c in self.children if c.kind == "worker"]
+        for hook in self.on_stop:
+            hook()
+        with self.lock:
+            children = list(self.children)
+            for child in children:
+                child.stopping = True
+        workers = [c for c in children if c.kind == "worker"]
         for child in workers:
             if child.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.process.send_signal(signal.SIGTERM)
         for child in workers:
             self._terminate(child, timeout_s)
-        envoy = [c for c in self.children if c.kind == "envoy"]
-        others = [c for c in self.children if c.kind not in ("worker", "envoy")]
+        envoy = [c for c in children if c.kind == "envoy"]
+        others = [c for c in children if c.kind not in ("worker", "envoy")]
         for child in [*envoy, *reversed(others)]:
             self._terminate(child, timeout_s)
-        self.children.clear()
+        with self.lock:
+            for child in children:
+                self.forget(child)

@@ -16,6 +16,7 @@ import yaml
 
 from llmesh.cli.certs import write_bundle
 from llmesh.cli.stack import Stack, StackError
+from llmesh.cli.supervisor import serve_supervisor
 from llmesh.common.config import LlmeshConfig, load_config
 
 TINY_MODEL_NAME = "tiny-llama"
@@ -235,6 +236,9 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     tls = tls_overrides(args.data_dir.resolve()) if args.tls else {}
     cfg = load_config(path, tls)
     stack = Stack(args.data_dir.resolve(), path)
+    # StartModelInstance/StopModelInstance reach this process's workers through it (the registry,
+    # started next, gets its address).
+    serve_supervisor(stack, cfg)
     stack.env.update(tls)
     if args.trace_console:
         stack.env["LLMESH_MONITORING__TRACE_CONSOLE"] = "true"
@@ -293,12 +297,9 @@ def up_main(args: argparse.Namespace, config_path: Path | None) -> int:
     print("\nCtrl-C stops everything.", flush=True)
     try:
         while not stop.is_set():
-            for child in stack.children:
-                if child.process.poll() is not None:
-                    print(
-                        f"{child.name} exited with code {child.process.returncode}; stopping", file=sys.stderr
-                    )
-                    stop.set()
+            for child in stack.exited_children():
+                print(f"{child.name} exited with code {child.process.returncode}; stopping", file=sys.stderr)
+                stop.set()
             stop.wait(1.0)
     finally:
         print("stopping...", file=sys.stderr)

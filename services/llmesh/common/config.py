@@ -187,6 +187,9 @@ class RegistryConfig:
     heartbeat_ttl_seconds: int = 10
     # Path of a models YAML (ExportModels' format) upserted at every registry start; empty: none.
     models_file: str = ""
+    # SupervisorService ("host:port") that StartModelInstance/StopModelInstance drive; `llmesh up`
+    # sets it to its own. Empty: none (those RPCs answer FAILED_PRECONDITION).
+    supervisor_address: str = ""
 
 
 @dataclass(frozen=True)

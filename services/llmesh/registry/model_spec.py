@@ -17,12 +17,14 @@ from typing import Any
 from llmesh.common.config import ModelConfig
 from llmesh.common.errors import FailedPrecondition, InvalidRequest
 from llmesh.registry.schema import NAME_LEN, VERSION_LEN
+from llmesh.worker.engine_factory import ENGINES as WORKER_ENGINES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
 
-ENGINES = ("vllm", "vllm-embed", "openai", "llamacpp", "scripted")
+# The catalog accepts exactly the engines a worker can build (one list, the worker's factory's).
+ENGINES = WORKER_ENGINES
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
 # Section defaults, in the order they are exported.

@@ -21,6 +21,7 @@ from llmesh.registry.catalog_writes import parse_models_yaml
 from llmesh.registry.model_catalog import SERVICE_NAME as MODEL_SERVICE_NAME
 from llmesh.registry.model_catalog import ModelCatalogServicer
 from llmesh.registry.servicer import RegistryServicer
+from llmesh.registry.supervisor_client import SupervisorClient
 from llmesh.registry.traffic import TrafficFeed
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -49,6 +50,8 @@ class RegistryServiceConfig:
     persist_interval_seconds: float = 0.5
     # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
     metrics_listen: str = ""
+    # SupervisorService that starts/stops worker processes (`llmesh up`'s); "": none attached.
+    supervisor_address: str = ""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -80,6 +83,7 @@ class RegistryServiceConfig:
             models=cfg.models,
             max_message_bytes=cfg.server.max_request_bytes,
             shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
+            supervisor_address=cfg.registry.supervisor_address,
         )
 
 
@@ -145,6 +149,7 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
     )
     workers.restore(saved)
     writer = MembershipWriter(workers, store)
+    supervisor = SupervisorClient(config.supervisor_address) if config.supervisor_address else None
     servicer = RegistryServicer(
         catalog,
         workers,
@@ -152,6 +157,7 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
         heartbeat_interval_s=config.heartbeat_interval_seconds,
         traffic=traffic,
         persist=writer.flush,
+        supervisor=supervisor,
     )
 
     def add(server: aio.Server) -> list[str]:
@@ -187,6 +193,8 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
     async def close_catalog() -> None:
         await writer.flush()
         await asyncio.to_thread(catalog.dispose)
+        if supervisor is not None:
+            await supervisor.close()
 
     running.on_shutdown.append(shutdown)
     running.after_stop.append(close_catalog)

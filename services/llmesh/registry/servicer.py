@@ -1,6 +1,7 @@
 """RegistryService RPCs: catalog reads, worker membership and its watch.
 
-The admin catalog writes come from `CatalogAdminRpcs` (admin_rpcs.py). Membership never depends on
+The admin catalog writes come from `CatalogAdminRpcs` (admin_rpcs.py), Start/StopModelInstance
+from `InstanceRpcs` (instance_rpcs.py). Membership never depends on
 the database being up: liveness is in memory, persistence is written behind, and model names
 resolve from the last known catalog during an outage, so a database error is UNAVAILABLE at worst.
 """
@@ -15,10 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grpc import aio
 
-from llmesh.common.errors import DependencyDown, FailedPrecondition, InvalidRequest, NotFound
+from llmesh.common.errors import DependencyDown, InvalidRequest, NotFound
 from llmesh.registry.admin_rpcs import CatalogAdminRpcs
 from llmesh.registry.catalog import Catalog
+from llmesh.registry.instance_rpcs import InstanceRpcs
 from llmesh.registry.model_proto import model_to_proto
+from llmesh.registry.supervisor_client import SupervisorClient
 from llmesh.registry.traffic import TrafficFeed
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -56,7 +59,7 @@ _REPORTABLE = (
 )
 
 
-class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
+class RegistryServicer(CatalogAdminRpcs, InstanceRpcs, registry_grpc.RegistryServiceServicer):
     """Serves the catalog (SQL, via `Catalog`) and live membership (memory, via `WorkerTable`)."""
 
     def __init__(
@@ -68,6 +71,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         heartbeat_interval_s: float,
         traffic: TrafficFeed | None = None,
         persist: Callable[[], Awaitable[bool]] | None = None,
+        supervisor: SupervisorClient | None = None,
     ) -> None:
         self._catalog = catalog
         self._workers = workers
@@ -75,6 +79,7 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         self._interval_s = heartbeat_interval_s
         self._traffic = traffic or TrafficFeed()
         self._persist = persist
+        self._supervisor = supervisor
 
     async def _persisted(self) -> None:
         # Best effort, bounded: a database that is down (or hangs) leaves the change queued for the
@@ -199,24 +204,6 @@ class RegistryServicer(CatalogAdminRpcs, registry_grpc.RegistryServiceServicer):
         model = await self._model_filter(request.model)
         async for event in self._workers.watch(model):
             yield event
-
-    async def StartModelInstance(
-        self, request: registry_pb2.StartModelInstanceRequest, context: aio.ServicerContext
-    ) -> registry_pb2.StartModelInstanceResponse:
-        """Needs a deployment supervisor; none is attached to this registry."""
-        raise FailedPrecondition(
-            "no supervisor attached to this registry: start a worker process (llmesh serve worker) "
-            "or scale the model's Deployment on Kubernetes"
-        )
-
-    async def StopModelInstance(
-        self, request: registry_pb2.StopModelInstanceRequest, context: aio.ServicerContext
-    ) -> registry_pb2.StopModelInstanceResponse:
-        """Needs a deployment supervisor; none is attached to this registry (DrainWorker works)."""
-        raise FailedPrecondition(
-            "no supervisor attached to this registry: drain the worker with DrainWorker, then stop "
-            "its process (or scale the Deployment on Kubernetes)"
-        )
 
     async def _check_versions(self, worker: registry_pb2.Worker, resolved: dict[str, str]) -> dict[str, str]:
         """The worker's model -> version map keyed by model name; each version must be live."""
