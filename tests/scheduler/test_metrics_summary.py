@@ -9,6 +9,7 @@ credentials 401, a bad window 400.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -39,8 +40,8 @@ def test_counts_run_since_start_and_percentiles_cover_the_window() -> None:
     now[0] += 200
     traffic.finished("m", "OK", 7, 1, (0.3, 0.0))  # one token: a TTFT, no TPOT
     traffic.finished("m", "CANCELLED", 3, 0, None)  # no chunk came: no timing
-    traffic.refused("m", "RESOURCE_EXHAUSTED")
-    traffic.refused("", "NOT_FOUND")
+    traffic.unleased("m", "RESOURCE_EXHAUSTED")
+    traffic.unleased("", "NOT_FOUND")
 
     (m, unresolved) = sorted(traffic.view(300), key=lambda v: v.model != "m")
     assert unresolved.model == UNRESOLVED and unresolved.totals.by_status == {"NOT_FOUND": 1}
@@ -62,7 +63,8 @@ def test_window_is_checked() -> None:
 
 
 async def _summary(client: httpx.AsyncClient, key: str, **params: Any) -> dict[str, Any]:
-    response = await client.get(PATH, params=params, headers={"authorization": f"Bearer {key}"})
+    auth = {"authorization": f"Bearer {key}"} if key else {}
+    response = await client.get(PATH, params=params, headers=auth)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -150,3 +152,43 @@ async def test_the_summary_through_envoy_counts_exactly_what_was_sent(stack_fact
     assert worker["worker_id"] == "w0" and worker["state"] == "ready"
     assert worker["models"] == [MODEL.name] and worker["active_requests"] == 0
     assert worker["capacity"] == MODEL.max_num_seqs
+
+
+@pytest.mark.envoy
+async def test_a_request_cancelled_while_it_queues_counts_as_cancelled(stack_factory) -> None:
+    """No lease, no worker, no trailers: the picker still counts it, under its model."""
+    stack: ScriptedStack = await stack_factory({"w0": engine(tokens_per_second=10)}, edge=True)
+    assert stack.models is not None
+    async with httpx.AsyncClient(base_url=stack.envoy.url, timeout=30) as client:
+        before = _model(await _summary(client, ""), MODEL.name)
+        busy = [
+            stack.models.StreamChatCompletion(chat(max_tokens=64, ignore_eos=True))
+            for _ in range(MODEL.max_num_seqs)
+        ]
+        for call in busy:
+            await call.read()  # streaming: the worker is full
+        queued = stack.models.StreamChatCompletion(chat(max_tokens=4, ignore_eos=True))
+        waiting = asyncio.ensure_future(queued.read())
+        await asyncio.sleep(1.0)
+        assert not waiting.done(), "the request should wait in the picker's queue"
+        assert _model(await _summary(client, ""), MODEL.name)["waiting"] == 1
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for call in busy:
+            call.cancel()
+        await settled(stack)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            now = _model(await _summary(client, ""), MODEL.name)
+            if int(now["requests"]) - int(before["requests"]) == 3:
+                break
+            assert asyncio.get_running_loop().time() < deadline, now
+            await asyncio.sleep(0.05)
+    # The two streams cancelled mid-way and the one cancelled in the queue; no other status.
+    gained = {
+        status: int(n) - int(before["requests_by_status"].get(status, "0"))
+        for status, n in now["requests_by_status"].items()
+    }
+    assert {s: n for s, n in gained.items() if n} == {"CANCELLED": 3}
+    assert now["waiting"] == 0 and now["active"] == 0

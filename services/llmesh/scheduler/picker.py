@@ -203,7 +203,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             code = status_for(error).name
             log.info("request refused", extra={"error": error.message, "code": code})
             if self._traffic is not None:
-                self._traffic.refused(model_name, code)
+                self._traffic.unleased(model_name, code)
             exchange.refused = True
             return immediate_error(error)
         exchange.lease = lease
@@ -225,6 +225,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
         """Release the lease and report usage: once, whichever way the stream ended."""
         lease = exchange.lease
         if lease is None:
+            if self._traffic is not None and exchange.model and not exchange.refused:
+                self._traffic.unleased(exchange.model, grpc.StatusCode.CANCELLED.name)  # gone while queued
             self._report_unleased(exchange)
             return
         exchange.lease = None

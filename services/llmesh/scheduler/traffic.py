@@ -1,7 +1,7 @@
 """The traffic the endpoint picker has seen, summed up for `GET /v1/monitoring/metrics`.
 
-Every request Envoy sends through the picker ends here exactly once: refused at the pick (no lease,
-with the status it was refused with) or finished (the usage desk's one report per request, with
+Every request Envoy sends through the picker ends here exactly once: without a lease (refused at
+the pick, with the status it was refused with, or cancelled while it queued) or finished (the usage desk's one report per request, with
 the tokens accounted and the worker's timing from its trailers). Counts run since the scheduler
 started; latency percentiles are exact (sorted samples, nearest rank) over a recent window, from
 at most `MAX_SAMPLES` requests per model kept in memory.
@@ -107,8 +107,9 @@ class TrafficSummary:
             found = self._models[model] = ModelTotals()
         return found
 
-    def refused(self, model: str, status: str) -> None:
-        """A request the picker answered itself (no worker, queue full, bad body, ...)."""
+    def unleased(self, model: str, status: str) -> None:
+        """A request that ended without a lease: the picker answered it itself (no worker, queue
+        full, bad body, ...), or its client went away while it queued (CANCELLED)."""
         totals = self._totals(model or UNRESOLVED)
         totals.by_status[status] = totals.by_status.get(status, 0) + 1
 
