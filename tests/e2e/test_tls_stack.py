@@ -13,6 +13,7 @@ service is refused by that service.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -28,6 +29,8 @@ import yaml
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmesh.auth.v1 import auth_service_pb2 as auth_pb
+from llmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from llmesh.cli.certs import issue, make_ca
 from llmesh.cli.serve import serve_main
 from llmesh.cli.stack import Stack
@@ -193,6 +196,24 @@ async def test_chat_stream_through_envoy_crosses_mtls_to_every_upstream(tls_stac
     for cluster in ("registry", "auth", "scheduler"):
         assert stats[f"cluster.{cluster}.ssl.handshake"] >= 1, cluster
     assert not {name: v for name, v in stats.items() if name.endswith("ssl.connection_error") and v}
+    # The scheduler recorded the stream's usage with AuthService (RecordUsage over mTLS).
+    await _usage_recorded(tls_stack, completion_tokens=6)
+
+
+async def _usage_recorded(tls_stack: TlsStack, completion_tokens: int) -> None:
+    key = (("authorization", f"Bearer {tls_stack.api_key}"),)
+    rows: list[auth_pb.UsageRow] = []
+    async with grpc.aio.insecure_channel(tls_stack.edge) as channel:
+        auth = auth_grpc.AuthServiceStub(channel)
+        for _ in range(200):
+            usage = await auth.GetUsage(
+                auth_pb.GetUsageRequest(model=SCRIPTED_MODEL), metadata=key, timeout=5
+            )
+            rows = list(usage.rows)
+            if sum(row.completion_tokens for row in rows) >= completion_tokens:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no usage of {completion_tokens} completion tokens recorded: {rows}")
 
 
 async def test_unauthenticated_request_is_still_refused_by_authservice_over_mtls(tls_stack: TlsStack) -> None:
