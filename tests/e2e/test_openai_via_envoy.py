@@ -184,3 +184,36 @@ async def test_unknown_model_is_404_for_the_sdk_unary_and_stream(scripted_edge) 
         await client.chat.completions.create(model="nope", messages=CHAT["messages"])
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="nope", messages=CHAT["messages"], stream=True)
+
+
+async def test_unknown_body_fields_are_400_naming_them_not_dropped(scripted_edge) -> None:
+    _, edge = await scripted_edge({"w0": engine()})
+    client = openai.AsyncOpenAI(base_url=f"http://{edge}/v1", api_key="unused", max_retries=0)
+    # A misspelt option would otherwise vanish in the transcoder and the request run without it.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model=MODEL.name,
+                messages=CHAT["messages"],
+                max_tokens=3,
+                stream=stream,
+                extra_body={"temprature": 0.1, "best_off": 2},
+            )
+        error = refused.value.body
+        assert isinstance(error, dict), error
+        assert error["message"].endswith("Unrecognized request argument supplied: best_off, temprature")
+        assert error["type"] == "invalid_request_error" and error["code"] == "INVALID_ARGUMENT"
+    async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=30) as http:
+        for path, body in (
+            ("/v1/completions", {"model": MODEL.name, "prompt": "x", "echo_prompt": True}),
+            ("/v1/chat/completions:stream", {"model": MODEL.name, **CHAT, "foo": {"a": [1, "}"]}}),
+        ):
+            response = await http.post(path, json=body)
+            assert response.status_code == 400, (path, response.text)
+            assert "Unrecognized request argument" in response.json()["error"]["message"]
+        # Known fields pass by either JSON name (proto or lowerCamel), as the transcoder takes both.
+        ok = await http.post(
+            "/v1/chat/completions", json={"model": MODEL.name, **CHAT, "maxTokens": 2, "ignore_eos": True}
+        )
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"]["completion_tokens"] == 2

@@ -80,7 +80,19 @@ async def test_inference_never_reaches_a_service_without_the_picker(
             edge,
             route.verb,
             concrete(route),
-            json_body={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+            # What each RPC's body may carry (the edge refuses unknown fields with a 400 itself).
+            json_body={
+                "model": "tiny",
+                **{
+                    field: value
+                    for field, value in (
+                        ("messages", [{"role": "user", "content": "hi"}]),
+                        ("prompt", "hi"),
+                        ("input", "hi"),
+                    )
+                    if field in route.request_fields
+                },
+            },
             headers={"x-request-id": request_id},
         )
         error = assert_openai_error(response, 503, "server_error")

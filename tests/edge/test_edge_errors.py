@@ -94,8 +94,9 @@ async def test_unknown_path_is_a_404_with_a_json_body(edge: EnvoyProcess) -> Non
 
 
 def padded(size: int) -> bytes:
-    """A JSON request of exactly `size` bytes."""
-    head = b'{"model":"tiny","user":"'
+    """A JSON request of exactly `size` bytes, with fields RegisterRequest knows (the edge refuses
+    unknown ones before the body reaches a service)."""
+    head = b'{"password":"secret-password","username":"'
     tail = b'"}'
     return head + b"x" * (size - len(head) - len(tail)) + tail
 

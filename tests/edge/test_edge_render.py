@@ -312,7 +312,14 @@ def test_lua_runs_before_the_transcoder() -> None:
         "envoy.filters.http.router",
     ]
     lua = http_filter(default_config(), "envoy.filters.http.lua")
-    assert lua["default_source_code"]["inline_string"] == lua_source()
+    source = lua["default_source_code"]["inline_string"]
+    assert source.endswith(lua_source())
+    # The generated table of fields each fixed POST route's body may carry comes first.
+    prelude = source.removesuffix(lua_source())
+    assert prelude.startswith("-- Generated from the descriptor set") and "local BODY_FIELDS = {" in prelude
+    chat = next(line for line in prelude.splitlines() if line.startswith('  ["/v1/chat/completions"]'))
+    assert '["max_tokens"] = true' in chat and '["maxTokens"] = true' in chat and '["temprature"]' not in chat
+    assert '  ["/v1/models/{model}"]' not in prelude  # paths with variables are not checked
 
 
 def test_request_ids_and_json_access_log() -> None:

@@ -33,6 +33,8 @@ class HttpRoute:
     path: str  # /v1/models/{model}
     body: str  # "*", a field name, or "" for none
     server_streaming: bool
+    # The request message's fields, by proto name and by JSON name (the transcoder takes both).
+    request_fields: frozenset[str] = frozenset()
 
     @property
     def grpc_path(self) -> str:
@@ -46,6 +48,13 @@ def http_routes(descriptor_path: Path) -> list[HttpRoute]:
     from google.protobuf import descriptor_pb2
 
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    fields_of = {
+        f".{file.package}.{message.name}": frozenset(
+            name for field in message.field for name in (field.name, field.json_name or field.name)
+        )
+        for file in files.file
+        for message in file.message_type
+    }
     routes: list[HttpRoute] = []
     for file in files.file:
         for service in file.service:
@@ -68,6 +77,7 @@ def http_routes(descriptor_path: Path) -> list[HttpRoute]:
                             path=path,
                             body=binding.body,
                             server_streaming=method.server_streaming,
+                            request_fields=fields_of.get(method.input_type, frozenset()),
                         )
                     )
     return routes

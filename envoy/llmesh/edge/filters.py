@@ -38,6 +38,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import MetadataMatcher, MetadataMatc
 from envoy_data_plane.google.protobuf import Any as PbAny
 from envoy_data_plane.google.protobuf import Struct
 
+from llmesh.edge.descriptor import HttpRoute, default_descriptor_path, http_routes
 from llmesh.edge.settings import GRPC_SERVICE_OF, MODEL_SERVICE, EdgeSettings
 
 # Services the transcoder exposes over REST: every one with google.api.http annotations.
@@ -115,14 +116,43 @@ def lua_source() -> str:
     return (resources.files("llmesh.edge") / "lua" / "edge.lua").read_text(encoding="utf-8")
 
 
+def body_fields(routes: list[HttpRoute]) -> dict[str, frozenset[str]]:
+    """POST path -> the top-level JSON fields its body may carry, for every fixed path (no {variable})
+    whose body is the whole request message. The transcoder drops unknown fields silently; the
+    edge's Lua answers 400 naming them instead, as OpenAI does."""
+    return {
+        route.path: route.request_fields
+        for route in routes
+        if route.verb == "POST" and route.body == "*" and "{" not in route.path and route.request_fields
+    }
+
+
+def lua_prelude(fields: dict[str, frozenset[str]]) -> str:
+    """The Lua table `BODY_FIELDS` (path -> set of field names) that edge.lua checks bodies against."""
+    lines = [
+        "-- Generated from the descriptor set (llmesh.edge.filters.body_fields).",
+        "local BODY_FIELDS = {",
+    ]
+    for path in sorted(fields):
+        names = ", ".join(f'["{name}"] = true' for name in sorted(fields[path]))
+        lines.append(f'  ["{path}"] = {{{names}}},')
+    lines.append("}")
+    return "\n".join(lines) + "\n\n"
+
+
 def typed(message: betterproto2.Message) -> PbAny:
     """Pack a typed config message into the `typed_config` Any Envoy expects."""
     return PbAny.pack(message)
 
 
 def lua_filter() -> HttpFilter:
-    """Routes `"stream": true` to the streaming RPC; reshapes gRPC errors the OpenAI way."""
-    config = Lua(default_source_code=DataSource(inline_string=lua_source()), stat_prefix="llmesh_edge")
+    """Routes `"stream": true` to the streaming RPC; refuses unknown body fields; reshapes gRPC
+    errors the OpenAI way."""
+    # The routes come from this package's descriptor set, as the route table's do: the rendered
+    # config may name the copy a pod mounts (EdgeSettings.descriptor_path), which is not here.
+    fields = body_fields(http_routes(default_descriptor_path()))
+    source = lua_prelude(fields) + lua_source()
+    config = Lua(default_source_code=DataSource(inline_string=source), stat_prefix="llmesh_edge")
     return HttpFilter(name="envoy.filters.http.lua", typed_config=typed(config))
 
 

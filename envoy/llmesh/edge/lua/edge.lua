@@ -11,6 +11,12 @@
 -- Every request first loses the `x-llmesh-*` headers a client sent: only the platform (auth,
 -- the endpoint picker) sets those.
 --
+-- A JSON body with a top-level field its RPC's request message does not have is refused with
+-- 400 naming it, as OpenAI does ("Unrecognized request argument supplied"): the transcoder
+-- would drop it silently, and a misspelt `temprature` would go unnoticed. The fields per POST
+-- path come from the descriptor set, in the table BODY_FIELDS that the edge's config generator
+-- prepends to this script (llmesh.edge.filters.lua_prelude).
+--
 -- Responses: a failed RPC comes back from the transcoder as a google.rpc.Status JSON body
 -- (`{"code":5,"message":"...","details":[]}`); OpenAI clients expect
 -- `{"error":{"message","type","code","param"}}`. Only non-2xx JSON responses are read, so
@@ -48,6 +54,8 @@ local ERROR_TYPE = {
 }
 
 local byte, find, sub = string.byte, string.find, string.sub
+-- Prepended by the config generator; an empty table when this script runs on its own.
+local KNOWN_FIELDS = BODY_FIELDS or {}
 
 local PLATFORM_PREFIX = "x-llmesh-"
 -- The worker's last SSE message as the transcoder prints it (only set fields, no whitespace).
@@ -165,6 +173,27 @@ local function members(s)
   end
 end
 
+-- Answers 400 naming the body's fields that `known` lacks (sorted) and returns true; false when
+-- every field is known. The edge's local-reply mapper wraps the text in OpenAI's error JSON.
+local function refuse_unknown_fields(handle, fields, known)
+  local unknown = {}
+  for key, _ in pairs(fields) do
+    if not known[key] then
+      unknown[#unknown + 1] = key
+    end
+  end
+  if #unknown == 0 then
+    return false
+  end
+  table.sort(unknown)
+  handle:streamInfo():dynamicMetadata():set("llmesh.edge", "error_code", "INVALID_ARGUMENT")
+  handle:respond(
+    { [":status"] = "400", ["content-type"] = "text/plain" },
+    "Unrecognized request argument supplied: " .. table.concat(unknown, ", ")
+  )
+  return true
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   strip_platform_headers(headers)
@@ -193,6 +222,14 @@ function envoy_on_request(handle)
   local query_at = find(path, "?", 1, true)
   local bare = query_at and sub(path, 1, query_at - 1) or path
   local stream_path = STREAM_PATH[bare]
+  local known = KNOWN_FIELDS[bare]
+  local fields = nil
+  if stream_path ~= nil or known ~= nil then
+    fields = members(body:getBytes(0, body:length()))
+  end
+  if fields ~= nil and known ~= nil and refuse_unknown_fields(handle, fields, known) then
+    return
+  end
   if stream_path == nil then
     if SSE_PATH[bare] then
       headers = handle:headers()
@@ -201,7 +238,6 @@ function envoy_on_request(handle)
     end
     return
   end
-  local fields = members(body:getBytes(0, body:length()))
   if fields ~= nil and fields["stream"] == "true" then
     -- Headers taken before body() are out of scope now: fetch them again.
     local query = query_at and sub(path, query_at) or ""
