@@ -5,6 +5,7 @@ double: these tests are about admission and accounting, not inference)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import httpx
@@ -202,3 +203,37 @@ async def test_health_and_listing_models_need_no_key_but_chat_does(stack_factory
         assert jwks.status_code == 200 and jwks.json()["keys"]
     listing = await stack.models.ListModels(pb.ListModelsRequest(), metadata=bearer(stack.admin_key))
     assert listing.data[0].id == MODEL.name
+
+
+async def test_grpcurl_lists_without_a_key_and_streams_with_one(stack_factory) -> None:
+    """The README's grpcurl lines against `llmesh up` (auth on): reflection is a bidirectional
+    stream whose body never ends, so AuthService checks it on its headers alone."""
+    from tests.edge.edge_http import run
+    from tests.support import grpcurl_path
+
+    stack = await stack_factory({"w0": engine()}, edge=True, auth=True)
+    edge = f"127.0.0.1:{stack.envoy.port}"
+    code, out, err = await asyncio.wait_for(run(grpcurl_path(), "-plaintext", edge, "list"), 30)
+    assert code == 0 and "llmesh.model.v1.ModelService" in out.split(), err
+    chat_body = json.dumps(
+        {"model": MODEL.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    )
+    method = "llmesh.model.v1.ModelService/StreamChatCompletion"
+    code, out, err = await asyncio.wait_for(
+        run(
+            grpcurl_path(),
+            "-plaintext",
+            "-H",
+            f"authorization: Bearer {stack.admin_key}",
+            "-d",
+            chat_body,
+            edge,
+            method,
+        ),
+        30,
+    )
+    assert code == 0 and '"finish_reason": "length"' in out, (out, err)
+    code, out, err = await asyncio.wait_for(
+        run(grpcurl_path(), "-plaintext", "-d", chat_body, edge, method), 30
+    )
+    assert code != 0 and "Unauthenticated" in err, err

@@ -42,7 +42,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    CheckSettings,
+    ExtAuthz,
+    ExtAuthzPerRoute,
+)
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
@@ -119,8 +123,18 @@ def route_table(descriptor_path: Path | None = None) -> list[tuple[str, str]]:
     return table
 
 
-def _control_route(match: str, cluster: str) -> Route:
+def _control_route(match: str, cluster: str, settings: EdgeSettings) -> Route:
     is_prefix = match.endswith((".", "/"))
+    per_filter = picker_off()
+    if settings.auth_enabled and match in CONTROL_EXTRA_PREFIXES:
+        from llmesh.auth.edge_contract import FILTER_NAME
+
+        # Reflection is a bidirectional stream whose request body never ends while the client
+        # waits for answers (grpcurl): AuthService checks it on its headers alone (it is a public
+        # route) instead of waiting for a body to buffer, which would hang it until a timeout.
+        per_filter[FILTER_NAME] = typed(
+            ExtAuthzPerRoute(check_settings=CheckSettings(disable_request_body_buffering=True))
+        )
     return Route(
         name=f"{cluster}:{match}",
         match=RouteMatch(prefix=match) if is_prefix else RouteMatch(path=match),
@@ -132,7 +146,7 @@ def _control_route(match: str, cluster: str) -> Route:
             # Only failures that provably never reached the service are retried.
             retry_policy=RetryPolicy(retry_on="connect-failure,refused-stream", num_retries=1),
         ),
-        typed_per_filter_config=picker_off(),
+        typed_per_filter_config=per_filter,
     )
 
 
@@ -170,7 +184,9 @@ def route_configuration(settings: EdgeSettings) -> RouteConfiguration:
     routes = [_sse_route(path, settings) for path in SSE_REST_PATHS]
     routes += inference_routes(settings)
     routes += [
-        _control_route(match, cluster) for match, cluster in route_table() if cluster != WORKERS_CLUSTER
+        _control_route(match, cluster, settings)
+        for match, cluster in route_table()
+        if cluster != WORKERS_CLUSTER
     ]
     routes.append(_no_route())
     return RouteConfiguration(
