@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -395,3 +396,18 @@ def test_edge_speaks_mtls_to_every_mesh_upstream_and_not_to_the_collector() -> N
     assert clusters[COLLECTOR_CLUSTER].transport_socket is None
     plain = {c.name: c for c in bootstrap(EdgeSettings()).static_resources.clusters}  # type: ignore[union-attr]
     assert all(c.transport_socket is None for c in plain.values())
+
+
+def test_llmesh_workers_asks_a_tls_registry_with_the_mesh_certificates(tls_stack: TlsStack) -> None:
+    command = [sys.executable, "-m", "llmesh.cli.main", "workers", "--registry", tls_stack.registry, "--json"]
+    listed = subprocess.run(
+        [*command, "--tls-dir", str(tls_stack.tls_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert {w["worker_id"] for w in json.loads(listed.stdout)["workers"]} == set(tls_stack.workers)
+    plaintext = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert plaintext.returncode == 1 and "registry at" in plaintext.stderr

@@ -1,7 +1,8 @@
 """`llmesh workers`: the cluster's members and their load, as the registry sees them.
 
 One ListWorkers call to the registry (`--registry HOST:PORT`, default: the config's registry
-address); a table, or `--json` for scripts.
+address); a table, or `--json` for scripts. Against a stack with mesh TLS (`llmesh up --tls`) it
+asks over mTLS with the `edge` identity's certificate from `--tls-dir`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from llmesh.common.config import LlmeshConfig
+from llmesh.common.tls import EDGE_IDENTITY, SERVICE_IDENTITY, MeshIdentity, MeshTlsError
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -26,6 +29,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="only workers serving this model (name or alias)")
     parser.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the registry")
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="the mesh's certificates (llmesh up --tls: DATA_DIR/tls); the registry is asked over mTLS "
+        "with the edge identity's certificate (default: tls.dir when the config has tls.enabled)",
+    )
+
+
+def registry_channel(address: str, tls_dir: Path | None) -> grpc.Channel:
+    """Plaintext, or mTLS as the `edge` identity (an operator's tool, like the README's grpcurl)."""
+    if tls_dir is None:
+        return grpc.insecure_channel(address)
+    identity = MeshIdentity.load(tls_dir, EDGE_IDENTITY)
+    return grpc.secure_channel(
+        address,
+        identity.channel_credentials(),
+        options=[("grpc.ssl_target_name_override", SERVICE_IDENTITY["registry"])],
+    )
 
 
 def status_name(status: int) -> str:
@@ -79,7 +100,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 def workers_main(args: argparse.Namespace, cfg: LlmeshConfig) -> int:
     """Print the registry's live workers; exit 1 (reason on stderr) when it cannot be asked."""
     address = args.registry or cfg.address_of("registry")
-    with grpc.insecure_channel(address) as channel:
+    # `make run`'s data directory is .llmesh; tls.dir names another.
+    tls_dir = args.tls_dir or (Path(cfg.tls.dir or ".llmesh/tls") if cfg.tls.enabled else None)
+    try:
+        channel = registry_channel(address, tls_dir)
+    except MeshTlsError as error:
+        print(f"llmesh workers: {error}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             reply = registry_grpc.RegistryServiceStub(channel).ListWorkers(
                 registry_pb2.ListWorkersRequest(model=args.model), timeout=args.timeout
