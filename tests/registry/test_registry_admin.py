@@ -259,6 +259,37 @@ async def test_concurrent_updates_with_one_etag_one_wins(db_url: str, make_regis
             "models[1]: x@v1 also appears as models[0]",
         ),
         (S.ImportModelsRequest(yaml="models: [: nope"), "yaml: not valid YAML"),
+        (
+            S.CreateModelRequest(model=S.Model(name="m", engine=S.EngineSettings(tool_parser="hermez"))),
+            "model.engine.tool_parser 'hermez' is not one of vLLM's tool parsers [",
+        ),
+        (
+            S.CreateModelRequest(
+                model=S.Model(name="m", engine=S.EngineSettings(engine="openai", tool_parser="hermes"))
+            ),
+            "model.engine.tool_parser 'hermes': engine 'openai' cannot use a tool parser",
+        ),
+        (
+            S.CreateModelRequest(
+                model=S.Model(name="m", engine=S.EngineSettings(engine="vllm-embed", tool_parser="hermes"))
+            ),
+            "model.engine.tool_parser 'hermes': engine 'vllm-embed' cannot use a tool parser",
+        ),
+        (
+            S.UpdateModelRequest(
+                model=S.Model(name="tiny-llama", engine=S.EngineSettings(tool_parser="nope")),
+                update_mask=["engine.tool_parser"],
+            ),
+            "model.engine.tool_parser 'nope' is not one of vLLM's tool parsers",
+        ),
+        (
+            S.ImportModelsRequest(yaml="models: [{name: x, engine: {tool_parser: nope}}]"),
+            "models[0].engine.tool_parser 'nope' is not one of vLLM's tool parsers",
+        ),
+        (
+            S.ImportModelsRequest(yaml="models: [{name: x, engine: llamacpp, tool_parser: hermes}]"),
+            "models[0].engine.tool_parser 'hermes': engine 'llamacpp' cannot use a tool parser",
+        ),
     ],
 )
 async def test_bad_catalog_input_names_the_field(make_registry: Any, request_: Any, needle: str) -> None:

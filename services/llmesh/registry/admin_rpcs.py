@@ -75,7 +75,8 @@ class CatalogAdminRpcs:
         actor = require_admin(context, "CreateModel")
         if not request.HasField("model"):
             raise InvalidRequest("model is required: the model to create (name, engine, ...)")
-        spec = spec_for_create(request.model)
+        # Off the loop: the first tool_parser check asks vLLM for its parser names (tool_parsers.py).
+        spec = await asyncio.to_thread(spec_for_create, request.model)
         model = await asyncio.to_thread(self._catalog.create_model, spec, actor=actor)
         return registry_pb2.CreateModelResponse(model=model_to_proto(model, self._count(model.name)))
 
@@ -99,7 +100,7 @@ class CatalogAdminRpcs:
                     f"etag: {current.name}@{current.version} changed since etag {etag} (now {current.etag}); "
                     "read it again (GetModel), re-apply the change and retry"
                 )
-            spec = spec_for_update(current, request.model, list(request.update_mask))
+            spec = await asyncio.to_thread(spec_for_update, current, request.model, list(request.update_mask))
             try:
                 model = await asyncio.to_thread(self._catalog.update_model, current, spec, actor=actor)
                 break
@@ -170,7 +171,7 @@ class CatalogAdminRpcs:
     ) -> registry_pb2.ImportModelsResponse:
         """Upserts a models YAML idempotently (unchanged rows are not written)."""
         actor = require_admin(context, "ImportModels")
-        specs = parse_models_yaml(request.yaml)
+        specs = await asyncio.to_thread(parse_models_yaml, request.yaml)
         result = await asyncio.to_thread(
             self._catalog.import_specs, specs, replace=request.replace, actor=actor
         )

@@ -17,6 +17,7 @@ from typing import Any
 from llmesh.common.config import ModelConfig
 from llmesh.common.errors import FailedPrecondition, InvalidRequest
 from llmesh.registry.schema import NAME_LEN, VERSION_LEN
+from llmesh.registry.tool_parsers import PARSER_ENGINE, check_tool_parser, vllm_tool_parsers
 from llmesh.worker.engine_factory import ENGINES as WORKER_ENGINES
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -40,6 +41,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "trust_remote_code": False,
     "chat_template": "",
     "upstream_model": "",
+    "tool_parser": "",
     "kv_cache_space_gb": 1.0,
     "enforce_eager": True,
 }
@@ -235,6 +237,10 @@ def check_engine(value: Any, where: str) -> dict[str, Any]:
         raise InvalidRequest(f"{where}.engine {engine['engine']!r} is not one of {list(ENGINES)}")
     if engine["dtype"] not in DTYPES:
         raise InvalidRequest(f"{where}.dtype {engine['dtype']!r} is not one of {list(DTYPES)}")
+    if engine["tool_parser"]:
+        # The first check of a vllm parser asks vLLM for its names (seconds, once per process).
+        known = vllm_tool_parsers() if engine["engine"] == PARSER_ENGINE else None
+        check_tool_parser(engine["tool_parser"], engine["engine"], known, f"{where}.tool_parser")
     return engine
 
 
@@ -396,6 +402,7 @@ def spec_from_config(m: ModelConfig, where: str = "models") -> ModelSpec:
                 "trust_remote_code": m.trust_remote_code,
                 "chat_template": m.chat_template,
                 "upstream_model": m.upstream_model,
+                "tool_parser": m.tool_parser,
                 "kv_cache_space_gb": m.kv_cache_space_gb,
                 "enforce_eager": m.enforce_eager,
             },

@@ -109,7 +109,7 @@ async def _prepare_catalog(
     if config.models_file is not None:
         text = _read_models_file(config.models_file)
         try:
-            specs = parse_models_yaml(text)
+            specs = await asyncio.to_thread(parse_models_yaml, text)
             result = await asyncio.to_thread(
                 catalog.import_specs, specs, replace=False, actor="models-file", where="models"
             )

@@ -58,7 +58,7 @@ WORKER_EVENT_TYPE_UPDATED: WorkerEventType
 WORKER_EVENT_TYPE_REMOVED: WorkerEventType
 
 class EngineSettings(_message.Message):
-    __slots__ = ("engine", "source", "dtype", "quantization", "max_model_len", "tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "trust_remote_code", "chat_template", "upstream_model")
+    __slots__ = ("engine", "source", "dtype", "quantization", "max_model_len", "tensor_parallel_size", "max_num_seqs", "gpu_memory_utilization", "trust_remote_code", "chat_template", "upstream_model", "tool_parser")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class EngineSettings(_message.Message):
     TRUST_REMOTE_CODE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
     engine: str
     source: str
     dtype: str
@@ -81,7 +82,8 @@ class EngineSettings(_message.Message):
     trust_remote_code: bool
     chat_template: str
     upstream_model: str
-    def __init__(self, engine: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_model_len: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., trust_remote_code: _Optional[bool] = ..., chat_template: _Optional[str] = ..., upstream_model: _Optional[str] = ...) -> None: ...
+    tool_parser: str
+    def __init__(self, engine: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_model_len: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., trust_remote_code: _Optional[bool] = ..., chat_template: _Optional[str] = ..., upstream_model: _Optional[str] = ..., tool_parser: _Optional[str] = ...) -> None: ...
 
 class ModelLimits(_message.Message):
     __slots__ = ("max_output_tokens", "max_prompt_tokens", "requests_per_minute")
