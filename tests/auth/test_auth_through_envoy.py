@@ -214,7 +214,13 @@ async def test_grpcurl_lists_without_a_key_and_streams_with_one(stack_factory) -
     stack = await stack_factory({"w0": engine()}, edge=True, auth=True)
     edge = f"127.0.0.1:{stack.envoy.port}"
     code, out, err = await asyncio.wait_for(run(grpcurl_path(), "-plaintext", edge, "list"), 30)
-    assert code == 0 and "llmesh.model.v1.ModelService" in out.split(), err
+    # Every public service behind the edge is described, wherever Envoy routes it.
+    for service in ("Model", "Registry", "Auth", "Scheduler"):
+        assert f"llmesh.{service.lower()}.v1.{service}Service" in out.split(), (out, err)
+    admin = f"authorization: Bearer {stack.admin_key}"
+    status = "llmesh.scheduler.v1.SchedulerService/GetSchedulerStatus"
+    code, out, err = await asyncio.wait_for(run(grpcurl_path(), "-plaintext", "-H", admin, edge, status), 30)
+    assert code == 0 and '"worker_id": "w0"' in out, (out, err)
     chat_body = json.dumps(
         {"model": MODEL.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
     )

@@ -107,10 +107,13 @@ async def start_server(
     *,
     max_message_bytes: int = 10 * 1024 * 1024,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    reflect_also: Sequence[str] = (),
 ) -> RunningServer:
     """Start a server on `listen` ("host:port", port 0 picks a free one); health starts NOT_SERVING.
 
     `add_servicers` registers the service's servicers and returns their full service names.
+    `reflect_also` names services that reflection describes besides them (the registry answers
+    reflection for the whole public API at the edge; their modules must be imported).
     """
     server = aio.server(
         # Metrics outermost: they count the status the error mapping settled on.
@@ -129,7 +132,12 @@ async def start_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            *service_names,
+            *reflect_also,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     identity = mesh_identity()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from grpc import aio
 
+from llmesh.auth.v1 import auth_service_pb2
 from llmesh.common.config import ConfigError, LlmeshConfig, ModelConfig
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.metrics import serve_metrics
@@ -27,10 +28,16 @@ from llmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from llmesh.registry.worker_store import MembershipWriter, WorkerStore
 from llmesh.registry.workers import WorkerTable
+from llmesh.scheduler.v1 import scheduler_service_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+# The other public services behind the edge, whose reflection Envoy routes to the registry.
+EDGE_REFLECTED_SERVICES = (
+    auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+)
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,13 @@ async def start_registry(config: RegistryServiceConfig) -> RunningServer:
 
     try:
         running = await start_server(
-            "registry", config.listen, add, max_message_bytes=config.max_message_bytes
+            "registry",
+            config.listen,
+            add,
+            max_message_bytes=config.max_message_bytes,
+            # Envoy sends every client's reflection here: describe the whole public API it serves,
+            # so grpcurl through the edge can call AuthService and SchedulerService by name too.
+            reflect_also=EDGE_REFLECTED_SERVICES,
         )
     except BaseException:
         catalog.dispose()
