@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,3 +99,10 @@ def edge_worker_hosts(admin_port: int) -> dict[str, str]:
         if len(parts) == 4 and parts[0] == "llmesh_workers" and parts[2] == "health_flags":
             hosts[parts[1]] = parts[3]
     return hosts
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for servers that must be told their port up front."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

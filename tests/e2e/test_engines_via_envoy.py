@@ -28,9 +28,10 @@ from google.protobuf import struct_pb2
 from llmesh.common.config import ModelConfig
 from llmesh.common.server import RunningServer
 from llmesh.model.v1 import model_service_pb2 as pb
+from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
 from llmesh.worker.engine import Engine, GenerationInput
 from llmesh.worker.engine_factory import build_engine
-from tests.scripted_stack import ScriptedStack, make_stack
+from tests.scripted_stack import ScriptedStack, make_stack, settled
 from tests.support import require
 from tests.vllm_openai_server import API_KEY, SERVED, running_requests
 from tests.worker.anthropic_wire_double import AnthropicWireDouble
@@ -136,6 +137,12 @@ def grpc_chat(model: str, messages: list[dict[str, str]], **fields: Any) -> pb.C
     )
 
 
+async def native_stream(stack: EngineStack, request: pb.CreateChatCompletionRequest) -> list[Any]:
+    """StreamChatCompletion over native gRPC through the same Envoy listener as REST."""
+    async with grpc.aio.insecure_channel(stack.url.removeprefix("http://")) as channel:
+        return [reply async for reply in pb_grpc.ModelServiceStub(channel).StreamChatCompletion(request)]
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
@@ -174,16 +181,7 @@ async def test_one_chat_answered_alike_over_rest_and_native_grpc(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
     # Native gRPC through the same Envoy listener: the same text and the same usage.
-    channel = grpc.aio.insecure_channel(engine_stack.url.removeprefix("http://"))
-    try:
-        from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
-
-        call = pb_grpc.ModelServiceStub(channel).StreamChatCompletion(
-            grpc_chat(model, QUESTION, temperature=0.0, max_tokens=24)
-        )
-        replies = [r async for r in call]
-    finally:
-        await channel.close()
+    replies = await native_stream(engine_stack, grpc_chat(model, QUESTION, temperature=0.0, max_tokens=24))
     grpc_text = "".join(c.delta.content for r in replies for c in r.choices)
     assert grpc_text == rest_text
     last = replies[-1].usage
@@ -315,22 +313,8 @@ async def test_engine_errors_keep_their_status_through_envoy(engine_stack: Engin
             pass
     assert raised_stream.value.status_code == http_status
 
-    channel = grpc.aio.insecure_channel(engine_stack.url.removeprefix("http://"))
-    try:
-        from llmesh.model.v1 import model_service_pb2_grpc as pb_grpc
-
-        call = pb_grpc.ModelServiceStub(channel).StreamChatCompletion(
-            grpc_chat(model, messages, max_tokens=8)
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as failed:
-            async for _ in call:
-                pass
-    finally:
-        await channel.close()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await native_stream(engine_stack, grpc_chat(model, messages, max_tokens=8))
     assert failed.value.code() == grpc_status, failed.value.details()
     assert failed.value.details()
-    await eventually(lambda: _no_leases(engine_stack), "leases were not released")
-
-
-async def _no_leases(stack: EngineStack) -> bool:
-    return not await stack.stack.active_leases()
+    await settled(engine_stack.stack, timeout_s=20.0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -33,7 +32,7 @@ from llmesh.edge.sidecar import (
 )
 from llmesh.edge.validate import EnvoyNotFound, find_envoy
 from tests.k8s.manifests import K8S, containers, named, pod_spec, render, tool
-from tests.support import require
+from tests.support import free_port, require
 
 GENERATED = K8S / "base" / "envoy"
 
@@ -135,12 +134,6 @@ def test_validation_fails_without_the_certificates(envoy_bin: Path, tmp_path: Pa
 # ------------------------------------------------------------------ a real sidecar in front of an app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running_sidecar(envoy_bin: Path, settings: SidecarSettings, tmp_path: Path) -> Iterator[None]:
     """Envoy with `settings`' sidecar config, until its probe port answers; stopped on exit."""
@@ -185,9 +178,9 @@ def _sidecar_settings(
     return SidecarSettings(
         service,
         tls_dir=str(bundle / (identity or service)),
-        mtls_port=_free_port(),
-        probe_port=_free_port(),
-        admin_port=_free_port(),
+        mtls_port=free_port(),
+        probe_port=free_port(),
+        admin_port=free_port(),
         **extra,  # type: ignore[arg-type]
     )
 
@@ -279,12 +272,12 @@ def test_an_app_reaches_its_peer_through_both_sidecars_only_with_an_allowed_iden
     registry = registry_sidecar["settings"]
     bundle = registry_sidecar["bundle"]
     assert isinstance(registry, SidecarSettings) and isinstance(bundle, Path)
-    egress = _free_port()
+    egress = free_port()
     scheduler = _sidecar_settings(
         "scheduler",
         bundle,
         identity,
-        app_port=_free_port(),
+        app_port=free_port(),
         peer_addresses={"registry": f"127.0.0.1:{registry.mesh.mtls_port}"},
         egress_ports={"registry": egress},
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,13 @@ from llmesh.scheduler.v1 import scheduler_service_pb2 as scheduler_pb2
 from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 from tests.registry.conftest import drop_registry_tables, mysql_database, postgresql_database  # noqa: F401
 from tests.registry.procs import RegistryProcess
+from tests.support import free_port
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_kind(request: pytest.FixtureRequest) -> str:
     """The catalog backend of a registry process."""
     return str(request.param)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_scheduler_waits_for_registry_and_survives_its_restart(tmp_path: Path) -> None:
