@@ -22,6 +22,7 @@ import grpc
 from grpc import aio
 from prometheus_client import Counter, Histogram
 
+from llmesh.common.handlers import with_behavior
 from llmesh.common.metrics import REGISTRY
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
@@ -165,12 +166,12 @@ def _wrap_stream(behavior: Callable[..., Any], metrics: _MethodMetrics) -> Calla
     return handler
 
 
-# (handler attribute, grpc_type label, wrapper, handler factory) per RPC shape.
-_SHAPES: tuple[tuple[str, str, Callable[..., Any], Callable[..., grpc.RpcMethodHandler]], ...] = (
-    ("unary_unary", "unary", _wrap_response, grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", "server_stream", _wrap_stream, grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", "client_stream", _wrap_response, grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", "bidi_stream", _wrap_stream, grpc.stream_stream_rpc_method_handler),
+# (handler attribute, grpc_type label, wrapper) per RPC shape.
+_SHAPES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    ("unary_unary", "unary", _wrap_response),
+    ("unary_stream", "server_stream", _wrap_stream),
+    ("stream_unary", "client_stream", _wrap_response),
+    ("stream_stream", "bidi_stream", _wrap_stream),
 )
 
 
@@ -196,17 +197,13 @@ class ServerMetricsInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_SKIPPED):
             return handler
-        for attr, kind, wrap, make in _SHAPES:
+        for attr, kind, wrap in _SHAPES:
             behavior = getattr(handler, attr)
             if behavior is None:
                 continue
             if wrap is _wrap_stream and not inspect.isasyncgenfunction(behavior):
                 break  # a streaming handler written with context.write (no generator): left as it is
-            return make(
-                wrap(behavior, self._metrics(kind, method)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, attr, wrap(behavior, self._metrics(kind, method)))
         return handler
 
 

@@ -25,6 +25,7 @@ from llmesh.common.errors import (
     OverCapacity,
     Unauthenticated,
 )
+from llmesh.common.handlers import with_behavior
 from llmesh.common.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, "unary_unary", _wrap_unary(handler.unary_unary, method))
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return with_behavior(handler, "unary_stream", _wrap_stream(handler.unary_stream, method))  # type: ignore[arg-type]
         return handler

@@ -24,6 +24,7 @@ import grpc
 from grpc import aio
 
 from llmesh.common.config import LlmeshConfig
+from llmesh.common.handlers import HANDLER_MAKERS, with_behavior
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,10 @@ class CallerCheckInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        for kind, make in _HANDLER_KINDS:
+        for kind in HANDLER_MAKERS:
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return make(
-                    self._guard(behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
+                return with_behavior(handler, kind, self._guard(behavior))
         return handler
 
     async def _check(self, context: aio.ServicerContext) -> None:
@@ -185,14 +182,6 @@ class CallerCheckInterceptor(aio.ServerInterceptor):
             return await behavior(request, context)
 
         return call
-
-
-_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler),
-)
 
 
 def caller_check_interceptors(service: str) -> list[aio.ServerInterceptor]:
