@@ -14,14 +14,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from llmesh.edge.descriptor import http_routes
 from llmesh.edge.workers import WORKERS_CLUSTER, inference_paths
+from llmesh.model.v1 import model_service_pb2_grpc as model_grpc
 from llmesh.scheduler.v1 import scheduler_service_pb2 as sched_pb
 from tests.edge.edge_http import run
-from tests.scripted_stack import MODEL, ScriptedStack, access_log_lines, engine, settled
+from tests.scripted_stack import MODEL, ScriptedStack, access_log_lines, chat, engine, settled
 
 pytestmark = pytest.mark.envoy
 
@@ -249,3 +251,24 @@ async def test_malformed_json_is_a_400_before_the_picker(stack_factory) -> None:
             assert error["message"].startswith("invalid request: "), (body, error)
     status = await stack.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
     assert status.leases_granted == 0  # the transcoder refused them all: no worker was leased
+
+
+async def test_a_grpc_call_without_a_message_is_invalid_argument_and_reaches_no_worker(stack_factory) -> None:
+    # The picker reads the model from the request body; a call that ends with its headers is
+    # refused by the picker instead of reaching a worker unpicked.
+    stack = await stack_factory({"w0": engine()}, edge=True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}") as channel:
+        for path in inference_paths():
+            call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call(iter(())):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+            assert "has no body" in (refused.value.details() or ""), path
+        # The same path with a message still works.
+        stub = model_grpc.ModelServiceStub(channel)
+        reply = await stub.CreateChatCompletion(chat(max_tokens=2))
+        assert reply.usage.completion_tokens == 2
+    status = await stack.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
+    assert status.leases_granted == 1
+    await settled(stack)

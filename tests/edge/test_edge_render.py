@@ -221,8 +221,10 @@ def test_picker_sits_between_the_transcoder_and_the_router() -> None:
     assert picker["status_on_error"] == {"code": "ServiceUnavailable"}
     assert picker["message_timeout"] == "35s"
     mode = picker["processing_mode"]
-    # Headers and the whole body in, the response's trailers (usage) in; tokens never.
-    assert mode["request_header_mode"] == "SEND" and mode["request_body_mode"] == "BUFFERED"
+    # Headers and the body in, the body right behind the headers (the picker answers both at once:
+    # one round trip), the response's trailers (usage) in; tokens never.
+    assert mode["request_header_mode"] == "SEND" and mode["request_body_mode"] == "STREAMED"
+    assert picker["send_body_without_waiting_for_header_response"] is True
     assert mode["response_header_mode"] == "SKIP" and mode["response_trailer_mode"] == "SEND"
     assert mode.get("response_body_mode", "NONE") == "NONE"
 

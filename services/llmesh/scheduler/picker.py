@@ -1,13 +1,16 @@
 """The endpoint picker: SchedulerService answering Envoy's external processor API (ext_proc).
 
 For every inference request Envoy opens one ext_proc stream and sends, in order, the request
-headers, the whole request body (a gRPC frame; REST requests are already transcoded) and, at the
-end, the response trailers. The picker
+headers, the request body (a gRPC frame, in one or more chunks; REST requests are already
+transcoded) without waiting for the picker's answer to the headers, and, at the end, the response
+trailers. The picker
 
-1. on the body: resolves the model, takes a lease from the pool (queueing or refusing as
-   Acquire does) and tells Envoy where to send the request: `x-llmesh-destinations` lists the
-   leased worker then fallbacks, which the workers cluster's override_host policy uses in order
-   (a retry before the first byte goes to the next one);
+1. once the body is complete: resolves the model, takes a lease from the pool (queueing or
+   refusing as Acquire does) and answers the headers, telling Envoy where to send the request:
+   `x-llmesh-destinations` lists the leased worker then fallbacks, which the workers cluster's
+   override_host policy uses in order (a retry before the first byte goes to the next one). The
+   same answer hands the body back (CONTINUE_AND_REPLACE), so there is one answer per request,
+   not one per message;
 2. on the trailers: reads the worker's usage and id;
 3. when the stream ends — after the trailers, or early because the client went away or the
    upstream reset — releases the lease and reports usage, exactly once.
@@ -113,6 +116,8 @@ class _Exchange:
     """One request's state across its ext_proc stream."""
 
     request_headers: dict[str, str] = field(default_factory=dict)
+    # The request body's chunks as Envoy streamed them, until the last one arrived.
+    body: list[bytes] = field(default_factory=list)
     trailers: dict[str, str] | None = None
     request_id: str = ""
     tenant: str = ""
@@ -163,9 +168,17 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                             InvalidRequest("the request has no body; send the RPC's message")
                         )
                         return
-                    yield _CONTINUE["request_headers"]
+                    # The answer to the headers waits for the body (it carries the destination).
                 elif kind == "request_body":
-                    yield await self._pick(exchange, message.request_body.body)
+                    exchange.body.append(message.request_body.body)
+                    if not message.request_body.end_of_stream:
+                        continue
+                    body = b"".join(exchange.body)
+                    exchange.body.clear()
+                    answer = await self._pick(exchange, body)
+                    yield answer
+                    if answer.HasField("immediate_response"):
+                        return
                 elif kind == "response_trailers":
                     exchange.trailers = _header_map(message.response_trailers.trailers.headers)
                     yield _CONTINUE["response_trailers"]
@@ -217,9 +230,15 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                 _set(headers.MODEL, lease.model),
             ]
         )
-        return ext_pb.ProcessingResponse(
-            request_body=ext_pb.BodyResponse(response=ext_pb.CommonResponse(header_mutation=mutation))
+        # One answer for headers and body: CONTINUE_AND_REPLACE hands the body back whole (Envoy
+        # drops the chunks it streamed here and sends this instead), so no answer per chunk follows
+        # and the request moves on the moment this one message arrives.
+        common = ext_pb.CommonResponse(
+            status=ext_pb.CommonResponse.CONTINUE_AND_REPLACE,
+            header_mutation=mutation,
+            body_mutation=ext_pb.BodyMutation(body=body),
         )
+        return ext_pb.ProcessingResponse(request_headers=ext_pb.HeadersResponse(response=common))
 
     def _finish(self, exchange: _Exchange) -> None:
         """Release the lease and report usage: once, whichever way the stream ended."""

@@ -47,6 +47,8 @@ class PickerRequest:
 
 def _unframe(body: bytes, encoding: str) -> bytes:
     """The message inside a gRPC frame (1-byte compressed flag, 4-byte big-endian length)."""
+    if not body:
+        raise InvalidRequest("the request has no body; send the RPC's message")
     if len(body) < 5:
         raise InvalidRequest("the request body is not a gRPC message frame")
     compressed, length = struct.unpack(">BI", body[:5])
