@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -12,9 +14,16 @@ from llmesh.common.errors import DependencyDown, InvalidRequest, NotFound
 from llmesh.registry.v1 import registry_service_pb2 as registry_pb
 from llmesh.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
+log = logging.getLogger(__name__)
+
 
 class ModelCatalog:
     """Resolves names and aliases to catalog models; caches answers for `ttl_s` seconds.
+
+    Only a name never seen waits for the registry. An answer older than `ttl_s` is still used while
+    a refresh runs in the background (one per name), so a request never pays a registry round trip
+    (milliseconds) on the token path because the cache aged; a name the registry no longer knows is
+    dropped when its refresh says so, and the next request gets NotFound.
 
     While the registry is unreachable (restarting, its database down) requests keep flowing: a
     name seen before resolves to its last known model, and a name the pool's live workers serve
@@ -31,15 +40,32 @@ class ModelCatalog:
         self._ttl_s = ttl_s
         self._served = served
         self._cache: dict[str, tuple[float, registry_pb.Model]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def resolve(self, name: str) -> registry_pb.Model:
         """The catalog model called `name` (or aliased so); NotFound says how to list models."""
         if not name:
             raise InvalidRequest("model is required; list the served models with GET /v1/models (ListModels)")
         hit = self._cache.get(name)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < self._ttl_s:
+        if hit is not None:
+            if time.monotonic() - hit[0] >= self._ttl_s and name not in self._refreshing:
+                self._refreshing[name] = asyncio.create_task(self._refresh(name))
             return hit[1]
+        return await self._fetch(name, None)
+
+    async def _refresh(self, name: str) -> None:
+        try:
+            await self._fetch(name, self._cache.get(name))
+        except NotFound:
+            self._cache.pop(name, None)
+        except Exception as error:  # the stale answer stays; the next request tries again
+            log.warning("catalog refresh failed", extra={"model": name, "error": str(error)})
+        finally:
+            self._refreshing.pop(name, None)
+
+    async def _fetch(self, name: str, hit: tuple[float, registry_pb.Model] | None) -> registry_pb.Model:
+        """Ask the registry; on failure fall back to `hit` (the last known answer) if any."""
+        now = time.monotonic()
         try:
             response = await self._registry.GetModel(registry_pb.GetModelRequest(name=name), timeout=5.0)
         except aio.AioRpcError as error:
