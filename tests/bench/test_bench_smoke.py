@@ -134,6 +134,15 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
                     _level(4, 300, {"vllm_api_server": 0.3}),
                 ],
             },
+            "baseline-nice": {
+                "status": "ok",
+                "frontend": ["vllm_api_server"],
+                "levels": [
+                    _level(1, 100, {"vllm_api_server": 0.2}),
+                    _level(4, 320, {"vllm_api_server": 0.3}),
+                ],
+                "engine_nice": 10,
+            },
             "rest": {
                 "status": "ok",
                 "frontend": list(llmesh),
@@ -160,6 +169,8 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
     )
     text = report.markdown(results)
     assert "| llmesh REST via Envoy | 4 | 10 | 291 | 0.97x |" in text
+    # The niced vLLM server is a row of its own, its ratio against plain `vllm serve`.
+    assert "| vllm serve, engine at nice 10 | 4 | 10 | 320 | 1.07x |" in text
     assert "llmesh gRPC via Envoy: failed: boom" in text
     assert (
         "| picker's added TTFT at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, p99 +2.00 ms | met |"

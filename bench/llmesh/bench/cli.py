@@ -204,6 +204,12 @@ async def run_all(settings: BenchSettings, results: dict[str, Any]) -> None:
         return
     if settings.wants("baseline"):
         results["targets"]["baseline"] = await run_baseline(settings, run_root / "baseline")
+    if settings.wants("baseline-nice"):
+        from llmesh.worker.engine_priority import DEFAULT_ENGINE_NICE
+
+        results["targets"]["baseline-nice"] = await run_baseline(
+            settings, run_root / "baseline-nice", "baseline-nice", DEFAULT_ENGINE_NICE
+        )
     if settings.wants("rest") or settings.wants("grpc"):
         results["targets"].update(await run_llmesh(settings, run_root / "llmesh"))
     if settings.wants("overhead"):

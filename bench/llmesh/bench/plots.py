@@ -16,7 +16,7 @@ from typing import Any
 
 from llmesh.bench.report import PROCESS_LABELS, TARGET_LABELS, _f, _ratio, frontend_cpu, level_at, ok_targets
 
-COLORS = {"baseline": "#7f7f7f", "rest": "#1f77b4", "grpc": "#2ca02c"}
+COLORS = {"baseline": "#7f7f7f", "baseline-nice": "#bcbcbc", "rest": "#1f77b4", "grpc": "#2ca02c"}
 PLOTS = ("throughput.png", "latency.png", "cpu.png")
 
 
@@ -70,7 +70,7 @@ def plot_throughput(results: dict[str, Any], path: Path) -> Path | None:
     _bars(ax, targets, levels, lambda level: level["output_tokens_per_s"])
     baseline = results.get("targets", {}).get("baseline")
     for i, (name, target) in enumerate(targets):
-        if name == "baseline":
+        if name.startswith("baseline"):
             continue
         for j, c in enumerate(levels):
             mine, base = level_at(target, c), level_at(baseline, c)

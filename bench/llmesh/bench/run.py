@@ -125,24 +125,28 @@ BASELINE_FRONTEND = ["vllm_api_server"]
 LLMESH_FRONTEND = ["worker", "envoy", "scheduler", "registry", "auth"]
 
 
-async def run_baseline(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
-    server = BaselineServer(settings.engine, run_dir)
-    say(f"baseline: starting vLLM's OpenAI server on {server.url}")
+async def run_baseline(
+    settings: BenchSettings, run_dir: Path, name: str = "baseline", engine_nice: int = 0
+) -> dict[str, Any]:
+    """vLLM's OpenAI server under vLLM's client; `engine_nice` > 0 runs its engine processes at that
+    nice once it is up (`baseline-nice`)."""
+    server = BaselineServer(settings.engine, run_dir, engine_nice=engine_nice)
+    say(f"{name}: starting vLLM's OpenAI server on {server.url}")
     levels = []
     try:
         await server.start()
         meter = ProcessMeter({"vllm_api_server": server.pid})
         for concurrency in settings.load.concurrency:
             load = vllm_load(settings, server.url, concurrency)
-            level = await vllm_level(f"baseline-c{concurrency}", load, meter, run_dir / "vllm-client")
+            level = await vllm_level(f"{name}-c{concurrency}", load, meter, run_dir / "vllm-client")
             levels.append(level)
-            print_level("baseline", level, BASELINE_FRONTEND)
-        return {"status": "ok", "frontend": BASELINE_FRONTEND, "levels": levels}
+            print_level(name, level, BASELINE_FRONTEND)
+        return {"status": "ok", "frontend": BASELINE_FRONTEND, "levels": levels, "engine_nice": engine_nice}
     except Exception as error:
-        log.exception("baseline failed")
+        log.exception("%s failed", name)
         return {"status": f"failed: {type(error).__name__}: {str(error)[:1500]}", "levels": levels}
     finally:
-        say("baseline: stopping vLLM's server")
+        say(f"{name}: stopping vLLM's server")
         await server.stop()
 
 

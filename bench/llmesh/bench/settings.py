@@ -7,11 +7,11 @@ from pathlib import Path
 
 # vllm serve, llmesh REST through Envoy, llmesh native gRPC through Envoy, the picker's added TTFT,
 # llmesh REST with telemetry off and on, the latency ext_authz adds (auth on vs off).
-ALL_TARGETS = ("baseline", "rest", "grpc", "overhead", "telemetry", "auth")
+ALL_TARGETS = ("baseline", "baseline-nice", "rest", "grpc", "overhead", "telemetry", "auth")
 # `telemetry` starts two more stacks (minutes each on a small machine), `auth` (ext_authz's added
 # latency, llmesh.bench.auth_latency) one of its own: asked for by name.
 DEFAULT_TARGETS = ("baseline", "rest", "grpc", "overhead")
-ENGINE_TARGETS = ("baseline", "rest", "grpc", "telemetry")
+ENGINE_TARGETS = ("baseline", "baseline-nice", "rest", "grpc", "telemetry")
 MODEL_NAME = "tiny-llama"
 
 

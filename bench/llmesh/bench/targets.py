@@ -36,9 +36,14 @@ class BaselineServer:
     turning them off here alone would favour the baseline (measured: 5-9 % tokens/s at 16-64 streams).
     """
 
-    def __init__(self, engine: EngineSettings, run_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, engine: EngineSettings, run_dir: Path, host: str = "127.0.0.1", engine_nice: int = 0
+    ) -> None:
         self.engine = engine
         self.host = host
+        # > 0: once up, the server's engine processes run at this nice, as llmesh's worker runs its
+        # engine (the `baseline-nice` target: vLLM's server with the same OS setting).
+        self.engine_nice = engine_nice
         self.port = free_port(host)
         argv = [
             sys.executable,
@@ -85,6 +90,10 @@ class BaselineServer:
                 return (await client.get(f"{self.url}/health")).status_code == 200
 
         await self.child.wait_ready(healthy, ENGINE_READY_TIMEOUT_S)
+        if self.engine_nice > 0:
+            from llmesh.worker.engine_priority import lower_descendants_priority
+
+            lower_descendants_priority(self.engine_nice, self.pid)
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.child.stop, 60.0)

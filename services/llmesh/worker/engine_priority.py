@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 DEFAULT_ENGINE_NICE = 10
 
 
-def lower_descendants_priority(nice: int) -> list[int]:
-    """Raise the nice value of every thread of this process's descendants to at least `nice`.
+def lower_descendants_priority(nice: int, root_pid: int | None = None) -> list[int]:
+    """Raise the nice value of every thread of the descendants of `root_pid` (default: this
+    process) to at least `nice`.
 
     Returns the pids of the descendants it set. Never lowers a nice value (that needs privileges)."""
     changed: list[int] = []
     if nice <= 0:
         return changed
-    for process in psutil.Process().children(recursive=True):
+    for process in psutil.Process(root_pid).children(recursive=True):
         try:
             for thread in process.threads():
                 if os.getpriority(os.PRIO_PROCESS, thread.id) < nice:
