@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -184,9 +185,20 @@ class ServiceFailed(RuntimeError):
     so a supervisor (Kubernetes, `llmesh up`'s user) sees it and restarts it."""
 
 
+def freeze_startup_heap() -> None:
+    """Keep what start-up built (imported modules, descriptor pools, the engine's state) out of the
+    garbage collector's walks: collect once, then freeze the survivors, as vLLM's own API server
+    does after start-up. Without it the worker spent ~7 % of its CPU in the collector at 64
+    streams (py-spy --native), walking objects that live as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_until_signal(running: RunningServer, grace: float, drain_delay: float = 0.0) -> None:
     """Block until SIGTERM/SIGINT, then shut down gracefully (see `RunningServer.stop`); raise
-    ServiceFailed after stopping at once if the service fails first."""
+    ServiceFailed after stopping at once if the service fails first. A service process calls it
+    once it has started, so its start-up heap is frozen here (`freeze_startup_heap`)."""
+    freeze_startup_heap()
     signalled = asyncio.ensure_future(wait_for_signal())
     failed = asyncio.ensure_future(running._failed.wait())
     await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
