@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmesh.bench import plots, report
+from llmesh.bench import plots, report, soak
 from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
 from llmesh.bench.stats import RequestSample, percentile, summarize, summarize_vllm
 from llmesh.bench.vllm_client import VllmLoad, run_vllm_bench, sample_prompts
@@ -215,3 +215,45 @@ def test_quick_overhead_run_end_to_end(tmp_path: Path) -> None:
     assert overhead["status"] == "ok", overhead
     assert overhead["direct"]["completed"] == overhead["via"]["completed"] == overhead["requests"]
     assert (out / "report.md").read_text() in done.stdout
+
+
+def _soak_round(number: int, worker_mib: float, engine_mib: float) -> dict:
+    return {
+        "round": number,
+        "completed": 1000,
+        "failed": 0,
+        "envoy_5xx": 0,
+        "envoy_503": 0,
+        "output_tokens_per_s": 6000.0,
+        "rss": {
+            "scheduler": {"rss_mib": 112.0, "tree_rss_mib": 112.0},
+            "worker-0": {"rss_mib": worker_mib, "tree_rss_mib": worker_mib + engine_mib},
+        },
+    }
+
+
+def test_soak_memory_tells_the_worker_process_from_its_engine() -> None:
+    # The worker's own process and vLLM's engine processes under it are judged apart.
+    engine_grows = [
+        _soak_round(1, 727.5, 2619.0),
+        _soak_round(2, 728.0, 2770.0),
+        _soak_round(3, 727.7, 2830.0),
+    ]
+    memory = soak.flatness(engine_grows)
+    assert memory["worker-0"]["flat"] and memory["scheduler"]["flat"]
+    assert not memory["worker-0 engine"]["flat"]
+    assert "scheduler engine" not in memory  # no engine processes under it
+    results = {
+        "soak": {
+            "rounds": engine_grows,
+            "memory": memory,
+            "requests_per_round": 1000,
+            "concurrency": 64,
+            "path": "rest",
+            "status": "ok",
+        }
+    }
+    text = report.markdown(results)
+    assert "| 2 | 1000 | 0 | 0 | 0 | 6,000 | 112.0 | 728.0 | 2,770.0 |" in text
+    assert "worker-0 +0.2, worker-0 engine +211.0 (GROWING)" in text
+    assert "flat RSS of every process | see above | MISSED |" in text

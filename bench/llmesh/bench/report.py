@@ -175,27 +175,31 @@ def _soak_section(soak: dict[str, Any]) -> list[str]:
     rounds = soak.get("rounds", [])
     if not rounds:
         return lines
-    names = list(rounds[0]["rss"])
+    memory = soak.get("memory", {})
+    names = list(memory)
     lines += [
         "| round | ok | failed | Envoy 5xx | upstream 503 | output tok/s | "
         + " | ".join(f"{PROCESS_LABELS.get(n, n)} RSS MiB" for n in names)
         + " |",
         "|--:|--:|--:|--:|--:|--:|" + "--:|" * len(names),
     ]
-    for r in rounds:
+    for i, r in enumerate(rounds):
+        series = [memory[n]["rss_mib"] for n in names]
         lines.append(
             f"| {r['round']} | {r['completed']} | {r['failed']} | {r['envoy_5xx']} | {r['envoy_503']} "
             f"| {_f(r['output_tokens_per_s'], 0)} | "
-            + " | ".join(_f(r["rss"].get(n, {}).get("tree_rss_mib"), 1) for n in names)
+            + " | ".join(_f(s[i] if i < len(s) else None, 1) for s in series)
             + " |"
         )
-    memory = soak.get("memory", {})
     if memory:
         growth = ", ".join(
             f"{PROCESS_LABELS.get(n, n)} {m['growth_mib']:+.1f}{'' if m['flat'] else ' (GROWING)'}"
             for n, m in memory.items()
         )
-        lines += ["", f"RSS growth first → last round (MiB; worker incl. its engine processes): {growth}."]
+        lines += [
+            "",
+            f"RSS growth first → last round (MiB; `engine`: the worker's vLLM engine processes): {growth}.",
+        ]
     examples = sorted({e for r in rounds for e in r.get("error_examples", [])})
     if examples:
         lines += ["", "Failures seen: " + "; ".join(examples[:5])]

@@ -43,21 +43,25 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in sorted(after.items()) if v - before.get(k, 0)}
 
 
+def _series_flatness(series: list[float]) -> dict[str, Any]:
+    growth = series[-1] - series[0]
+    tolerance = max(FLAT_TOLERANCE_MIB, FLAT_TOLERANCE_FRACTION * series[0])
+    return {"rss_mib": series, "growth_mib": growth, "tolerance_mib": tolerance, "flat": growth <= tolerance}
+
+
 def flatness(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per process: RSS after each round (tree RSS for those with engine children), growth first → last."""
+    """Per process: RSS after each round, growth first → last. A worker's engine processes (its
+    descendants: vLLM's engine core) are a series of their own, `<worker> engine`, so that growth
+    in the worker's own process and growth in the engine are told apart."""
     out: dict[str, dict[str, Any]] = {}
     if not rounds:
         return out
     for name in rounds[0]["rss"]:
-        series = [r["rss"][name]["tree_rss_mib"] for r in rounds if name in r["rss"]]
-        growth = series[-1] - series[0]
-        tolerance = max(FLAT_TOLERANCE_MIB, FLAT_TOLERANCE_FRACTION * series[0])
-        out[name] = {
-            "rss_mib": series,
-            "growth_mib": growth,
-            "tolerance_mib": tolerance,
-            "flat": growth <= tolerance,
-        }
+        present = [r["rss"][name] for r in rounds if name in r["rss"]]
+        out[name] = _series_flatness([p["rss_mib"] for p in present])
+        engine = [p["tree_rss_mib"] - p["rss_mib"] for p in present]
+        if any(engine):
+            out[f"{name} engine"] = _series_flatness(engine)
     return out
 
 
