@@ -10,6 +10,7 @@ native gRPC streaming (grpcurl), request ids and the access log.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -271,4 +272,22 @@ async def test_a_grpc_call_without_a_message_is_invalid_argument_and_reaches_no_
         assert reply.usage.completion_tokens == 2
     status = await stack.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
     assert status.leases_granted == 1
+    await settled(stack)
+
+
+async def test_a_request_body_of_many_chunks_reaches_the_worker_whole(stack_factory) -> None:
+    # Envoy streams a large body to the picker in several chunks; the picker hands it back whole
+    # with its answer (CONTINUE_AND_REPLACE), and the worker must see every byte of it: it counts
+    # the prompt's tokens (one per word for the scripted double) in its refusal.
+    stack = await stack_factory({"w0": engine()}, edge=True)
+    words = 60_000  # ~400 KB of prompt, far past one HTTP/2 frame
+    prompt = " ".join(f"w{i}" for i in range(words))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.envoy.port}") as channel:
+        stub = model_grpc.ModelServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateChatCompletion(chat(prompt, max_tokens=2))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    counted = re.search(r"the prompt has (\d+) tokens", refused.value.details() or "")
+    assert counted is not None, refused.value.details()
+    assert words <= int(counted.group(1)) <= words + 8  # every word, plus the chat template's own
     await settled(stack)

@@ -112,8 +112,9 @@ def picker_processing_mode() -> ProcessingMode:
 
     The body is STREAMED, not BUFFERED, only so that Envoy can send it right behind the headers
     (`send_body_without_waiting_for_header_response` works in STREAMED mode alone): the picker
-    holds its answer to the headers until the body is complete, then answers both, so choosing a
-    worker costs one round trip to the picker instead of two."""
+    holds its answer to the headers until the body is complete, then answers once, handing the body
+    back with it (CONTINUE_AND_REPLACE), so choosing a worker costs one round trip to the picker
+    instead of two."""
     return ProcessingMode(
         request_header_mode=ProcessingModeHeaderSendMode.SEND,
         request_body_mode=ProcessingModeBodySendMode.STREAMED,
