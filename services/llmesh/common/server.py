@@ -170,14 +170,14 @@ def write_ready_file(path: Path | None, **info: object) -> None:
     tmp.replace(path)
 
 
-async def wait_for_signal() -> None:
-    """Return on SIGTERM or SIGINT."""
+def stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT; the handlers are in place when this returns."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 class ServiceFailed(RuntimeError):
@@ -197,9 +197,11 @@ def freeze_startup_heap() -> None:
 async def serve_until_signal(running: RunningServer, grace: float, drain_delay: float = 0.0) -> None:
     """Block until SIGTERM/SIGINT, then shut down gracefully (see `RunningServer.stop`); raise
     ServiceFailed after stopping at once if the service fails first. A service process calls it
-    once it has started, so its start-up heap is frozen here (`freeze_startup_heap`)."""
+    once it has started, so its start-up heap is frozen here (`freeze_startup_heap`) — after the
+    signal handlers are in place: a supervisor may stop the service the moment it is ready."""
+    stop = stop_on_signal()
     freeze_startup_heap()
-    signalled = asyncio.ensure_future(wait_for_signal())
+    signalled = asyncio.ensure_future(stop.wait())
     failed = asyncio.ensure_future(running._failed.wait())
     await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
     for waiter in (signalled, failed):
@@ -229,6 +231,6 @@ __all__ = [
     "run",
     "serve_until_signal",
     "start_server",
-    "wait_for_signal",
+    "stop_on_signal",
     "write_ready_file",
 ]
