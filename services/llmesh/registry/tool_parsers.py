@@ -29,8 +29,8 @@ PARSER_ENGINE = "vllm"
 _MARK = "LLMESH_TOOL_PARSERS="
 _PROBE = (
     "import json\n"
-    "from vllm.tool_parsers import ToolParserManager as m\n"
-    f"print({_MARK!r} + json.dumps(sorted({{*m.tool_parsers, *m.lazy_parsers}})))\n"
+    "from llmesh.worker.tool_calls import vllm_tool_parser_names\n"
+    f"print({_MARK!r} + json.dumps(vllm_tool_parser_names()))\n"
 )
 _PROBE_TIMEOUT_S = 300.0
 

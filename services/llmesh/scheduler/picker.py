@@ -36,7 +36,7 @@ from llmesh.common import headers
 from llmesh.common.errors import InvalidRequest, LlmeshError, NotImplementedYet
 from llmesh.common.interceptors import RETRY_AFTER_HEADER, status_for
 from llmesh.scheduler.catalog import ModelCatalog
-from llmesh.scheduler.picker_request import INFERENCE_METHODS, read_request
+from llmesh.scheduler.picker_request import INFERENCE_METHODS, NO_BODY, read_request
 from llmesh.scheduler.pool import WorkerPool
 from llmesh.scheduler.records import Demand, Lease
 from llmesh.scheduler.traffic import TrafficSummary
@@ -164,9 +164,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
                         return
                     if message.request_headers.end_of_stream:
                         exchange.refused = True
-                        yield immediate_error(
-                            InvalidRequest("the request has no body; send the RPC's message")
-                        )
+                        yield immediate_error(InvalidRequest(NO_BODY))
                         return
                     # The answer to the headers waits for the body (it carries the destination).
                 elif kind == "request_body":

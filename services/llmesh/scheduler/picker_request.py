@@ -30,6 +30,8 @@ INFERENCE_METHODS: dict[str, type[Message]] = {
     _SERVICE + "Tokenize": pb.TokenizeRequest,
     _SERVICE + "Detokenize": pb.DetokenizeRequest,
 }
+# Why a call without its request message is refused (headers that end the stream, or an empty body).
+NO_BODY = "the request has no body; send the RPC's message"
 # A completion without max_tokens may generate this many (OpenAI's completions default).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
@@ -48,7 +50,7 @@ class PickerRequest:
 def _unframe(body: bytes, encoding: str) -> bytes:
     """The message inside a gRPC frame (1-byte compressed flag, 4-byte big-endian length)."""
     if not body:
-        raise InvalidRequest("the request has no body; send the RPC's message")
+        raise InvalidRequest(NO_BODY)
     if len(body) < 5:
         raise InvalidRequest("the request body is not a gRPC message frame")
     compressed, length = struct.unpack(">BI", body[:5])

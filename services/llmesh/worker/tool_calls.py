@@ -173,6 +173,14 @@ class ParserReader:
         )
 
 
+def vllm_tool_parser_names() -> list[str]:
+    """The names vLLM's ToolParserManager knows (registered and lazily loaded), sorted. Imports
+    vLLM: the registry asks a child process (llmesh.registry.tool_parsers), the worker itself."""
+    from vllm.tool_parsers import ToolParserManager
+
+    return sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
+
+
 class VllmToolParsers:
     """vLLM's tool parser of one model: a reader per choice, and what the parser asks of sampling."""
 

@@ -44,6 +44,7 @@ from llmesh.worker.tool_calls import (
     compact_json_grammar,
     read_tool_calls,
     template_message,
+    vllm_tool_parser_names,
 )
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,9 @@ class VllmEngine:
             try:
                 ToolParserManager.get_tool_parser(s.tool_parser)
             except KeyError:
-                known = sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
                 raise DependencyDown(
                     f"vLLM cannot start {s.name!r}: its tool_parser {s.tool_parser!r} is not one of "
-                    f"vLLM's tool parsers {known}; fix tool_parser in the model's config"
+                    f"vLLM's tool parsers {vllm_tool_parser_names()}; fix tool_parser in the model's config"
                 ) from None
         self._llm = await launch_async_llm(
             options, s.multiproc_method, s.engine_nice, stat_loggers=[_stats_logger_factory(self._stats)]
