@@ -158,7 +158,8 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
             "block": 5,
             "direct": {"ttft_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0}},
             "via": {"ttft_ms": {"p50": 5.5, "p90": 7.0, "p99": 9.0}},
-            "added_ttft_ms": {"p50": 0.5, "p90": 1.0, "p99": 2.0},
+            "added_ttft_ms": {"p50": 0.5, "p90": 1.0, "p99": 3.5},
+            "picker_wait_ms": {"p50": 0.3, "p90": 0.6, "p99": 1.2, "count": 10.0},
             "cpu_us_per_request_via": {"envoy": 200.0},
         },
     }
@@ -173,9 +174,14 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
     assert "| vllm serve, engine at nice 10 | 4 | 10 | 320 | 1.07x |" in text
     assert "llmesh gRPC via Envoy: failed: boom" in text
     assert (
-        "| picker's added TTFT at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, p99 +2.00 ms | met |"
+        "| picker's wait (ext_proc + lease) at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 0.30 ms, p99 1.20 ms | met |"
         in text
     )
+    assert (
+        "| Envoy + picker added TTFT vs the worker directly ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, p99 +3.50 ms "
+        "| MISSED |" in text
+    )
+    assert "| of it the picker (ext_proc + lease, Envoy's access log) | 0.30 | 0.60 | 1.20 |" in text
     assert "| llmesh REST via Envoy: zero failed requests | 0 | met |" in text
     made = plots.write_plots(results, tmp_path)
     assert {p.name for p in made} == {"throughput.png", "latency.png", "cpu.png"}
@@ -214,6 +220,9 @@ def test_quick_overhead_run_end_to_end(tmp_path: Path) -> None:
     overhead = results["overhead"]
     assert overhead["status"] == "ok", overhead
     assert overhead["direct"]["completed"] == overhead["via"]["completed"] == overhead["requests"]
+    # Every measured request's wait for the picker, from Envoy's access log.
+    assert overhead["picker_wait_ms"]["count"] == overhead["requests"]
+    assert 0 < overhead["picker_wait_ms"]["p50"] <= overhead["picker_wait_ms"]["p99"]
     assert (out / "report.md").read_text() in done.stdout
 
 

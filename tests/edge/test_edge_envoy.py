@@ -211,6 +211,7 @@ async def test_access_log_is_json_with_request_ids(edge: EnvoyProcess) -> None:
     assert line["upstream_host"] == standins_address(edge, "registry")
     assert isinstance(line["duration_ms"], int)
     assert line["error_code"] is None
+    assert line["picker_us"] is None  # a catalog read: the picker is off on this route
 
 
 async def test_access_log_keeps_the_upstreams_error_code(edge: EnvoyProcess) -> None:

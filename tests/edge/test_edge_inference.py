@@ -84,6 +84,7 @@ async def test_every_inference_rest_binding_reaches_a_worker_through_the_picker(
         assert line["rpc"] == route.grpc_path, line
         assert line["upstream_cluster"] == WORKERS_CLUSTER, line
         assert line["upstream_host"] == stack.worker_addresses["w0"], line
+        assert int(line["picker_us"]) > 0, line  # the wait for the picker's answer, as Envoy timed it
     status = await stack.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
     assert status.leases_granted == len(routes)  # each one was leased by the picker
     await settled(stack)

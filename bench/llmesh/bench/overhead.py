@@ -6,9 +6,11 @@ as `llmesh up` starts it, and one worker whose engine is the ScriptedEngine **te
 at a fixed rate per stream, so what differs between the two paths is the platform alone.
 
 The same native gRPC client (`ModelService.StreamChatCompletion`, one stream) calls the worker
-directly, and through Envoy (ext_authz, the picker's ext_proc round trip and lease, the route to the
-picked worker). The paths alternate in blocks, so drift on a shared machine hits both alike; the
-difference of the TTFT percentiles is what Envoy + picker add.
+directly, and through Envoy (the picker's ext_proc round trip and lease, the route to the picked
+worker; auth is off, its check has its own target). The paths alternate in blocks, so drift on a
+shared machine hits both alike; the difference of the TTFT percentiles is what Envoy + picker add.
+The picker's share is what Envoy's access log says each measured request waited for the picker's
+answer (`picker_us`: ext_proc headers and body out, the one answer with the lease back).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,24 @@ def _start_envoy(stack: Any, config: Path) -> str:
     return start_envoy_child(stack, load_config(config))
 
 
+async def _picker_waits_ms(envoy_log: Path, count: int) -> dict[str, float]:
+    """p50/p90/p99 of the last `count` picker waits in Envoy's access log (the measured requests:
+    they come after the warm-up in the log). Envoy flushes its access log every second."""
+    await asyncio.sleep(2.0)
+    waits = []
+    text = await asyncio.to_thread(envoy_log.read_text, errors="replace")
+    for line in text.splitlines():
+        if line.startswith("{") and '"picker_us"' in line:
+            picker_us = json.loads(line).get("picker_us")  # Envoy writes the number as a string
+            if picker_us is not None and str(picker_us).isdigit():
+                waits.append(int(picker_us) / 1000)
+    waits = waits[-count:]
+    if len(waits) < count:
+        raise RuntimeError(f"Envoy's access log has {len(waits)} picker timings, expected {count}")
+    cuts = statistics.quantiles(waits, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "count": float(len(waits))}
+
+
 async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
     ov = settings.overhead
     config = write_llmesh_config(
@@ -142,6 +163,7 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
         direct_level = summarize(samples["direct"], durations["direct"])
         via_level = summarize(samples["via"], durations["via"])
         added = {q: via_level["ttft_ms"][q] - direct_level["ttft_ms"][q] for q in ("p50", "p90", "p99")}
+        picker = await _picker_waits_ms(run_dir / "logs" / "envoy.log", via_level["completed"])
         per_request_us = {
             proc: (cpu.get(f"via:{proc}", {}).get("cpu_s", 0.0)) / max(1, via_level["completed"]) * 1e6
             for proc in ("envoy", "scheduler", "auth")
@@ -150,7 +172,8 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
             f"overhead: TTFT direct p50 {direct_level['ttft_ms']['p50']:.2f} ms p99 "
             f"{direct_level['ttft_ms']['p99']:.2f} ms; through Envoy + picker p50 "
             f"{via_level['ttft_ms']['p50']:.2f} ms p99 {via_level['ttft_ms']['p99']:.2f} ms; added p50 "
-            f"{added['p50']:+.2f} ms p99 {added['p99']:+.2f} ms"
+            f"{added['p50']:+.2f} ms p99 {added['p99']:+.2f} ms; of it the picker (ext_proc + lease, "
+            f"Envoy's access log) p50 {picker['p50']:.2f} ms p99 {picker['p99']:.2f} ms"
         )
         return {
             "status": "ok",
@@ -161,6 +184,7 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
             "direct": direct_level,
             "via": via_level,
             "added_ttft_ms": added,
+            "picker_wait_ms": picker,
             "cpu_us_per_request_via": per_request_us,
         }
     except Exception as error:

@@ -159,10 +159,20 @@ def _overhead_section(overhead: dict[str, Any]) -> list[str]:
         f"| worker directly | {_f(d['p50'], 2)} | {_f(d['p90'], 2)} | {_f(d['p99'], 2)} |",
         f"| Envoy → picker (ext_proc + lease) → worker | {_f(v['p50'], 2)} | {_f(v['p90'], 2)} | {_f(v['p99'], 2)} |",
         f"| **added** | **{a['p50']:+.2f}** | {a['p90']:+.2f} | **{a['p99']:+.2f}** |",
+        *_picker_wait_row(overhead),
         "",
         "CPU per request on the Envoy path: "
         + ", ".join(f"{PROCESS_LABELS.get(k, k)} {_f(us, 0)} µs" for k, us in cpu.items())
         + ".",
+    ]
+
+
+def _picker_wait_row(overhead: dict[str, Any]) -> list[str]:
+    w = overhead.get("picker_wait_ms")
+    if not w:
+        return []
+    return [
+        f"| of it the picker (ext_proc + lease, Envoy's access log) | {w['p50']:.2f} | {w['p90']:.2f} | {w['p99']:.2f} |"
     ]
 
 
@@ -263,12 +273,18 @@ def target_checks(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
     overhead = results.get("overhead", {})
     if overhead.get("status") == "ok":
-        a = overhead["added_ttft_ms"]
+        limits = f"≤ {ADDED_TTFT_P50_MS:g} ms p50, ≤ {ADDED_TTFT_P99_MS:g} ms p99"
+        wait = overhead.get("picker_wait_ms")
+        if wait:
+            checks.append(
+                _latency_check(f"picker's wait (ext_proc + lease) at 1 stream {limits}", wait, "{:.2f}")
+            )
+        # The stricter reading: everything Envoy's path adds, its own proxy hop included.
         checks.append(
-            (
-                f"picker's added TTFT at 1 stream ≤ {ADDED_TTFT_P50_MS:g} ms p50, ≤ {ADDED_TTFT_P99_MS:g} ms p99",
-                f"p50 {a['p50']:+.2f} ms, p99 {a['p99']:+.2f} ms",
-                "met" if a["p50"] <= ADDED_TTFT_P50_MS and a["p99"] <= ADDED_TTFT_P99_MS else "MISSED",
+            _latency_check(
+                f"Envoy + picker added TTFT vs the worker directly {limits}",
+                overhead["added_ttft_ms"],
+                "{:+.2f}",
             )
         )
     soak = results.get("soak")
@@ -284,6 +300,12 @@ def target_checks(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         checks.append((f"soak {what}: zero failures", str(failed), "met" if failed == 0 else "MISSED"))
         checks.append((f"soak {what}: flat RSS of every process", "see above", "met" if flat else "MISSED"))
     return checks
+
+
+def _latency_check(what: str, ms: dict[str, float], number: str) -> tuple[str, str, str]:
+    met = ms["p50"] <= ADDED_TTFT_P50_MS and ms["p99"] <= ADDED_TTFT_P99_MS
+    shown = f"p50 {number.format(ms['p50'])} ms, p99 {number.format(ms['p99'])} ms"
+    return (what, shown, "met" if met else "MISSED")
 
 
 def markdown(results: dict[str, Any]) -> str:

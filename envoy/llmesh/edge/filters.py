@@ -102,6 +102,10 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "details": "%RESPONSE_CODE_DETAILS%",
     "duration_ms": "%DURATION%",
     "upstream_ms": "%RESPONSE_DURATION%",
+    # How long the request waited for the endpoint picker (ext_proc: headers and body out, its one
+    # answer back; queueing and the lease included), as Envoy timed it: microseconds as a string
+    # (Envoy's filter-state fields are strings); null where no picker ran.
+    "picker_us": "%FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)%",
     "bytes_in": "%BYTES_RECEIVED%",
     "bytes_out": "%BYTES_SENT%",
     "upstream_host": "%UPSTREAM_HOST%",
