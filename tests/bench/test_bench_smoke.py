@@ -157,9 +157,11 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
             "requests": 10,
             "block": 5,
             "direct": {"ttft_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0}},
-            "via": {"ttft_ms": {"p50": 5.5, "p90": 7.0, "p99": 9.0}},
+            "envoy_without_picker": {"ttft_ms": {"p50": 5.2, "p90": 6.4, "p99": 7.5}},
+            "via": {"ttft_ms": {"p50": 5.5, "p90": 7.0, "p99": 10.5}},
             "added_ttft_ms": {"p50": 0.5, "p90": 1.0, "p99": 3.5},
-            "picker_wait_ms": {"p50": 0.3, "p90": 0.6, "p99": 1.2, "count": 10.0},
+            "picker_added_ttft_ms": {"p50": 0.3, "p90": 0.6, "p99": 3.0},
+            "picker_wait_ms": {"p50": 0.6, "p90": 0.8, "p99": 1.2, "count": 10.0},
             "cpu_us_per_request_via": {"envoy": 200.0},
         },
     }
@@ -174,14 +176,18 @@ def test_report_plots_and_readme_snippet(tmp_path: Path) -> None:
     assert "| vllm serve, engine at nice 10 | 4 | 10 | 320 | 1.07x |" in text
     assert "llmesh gRPC via Envoy: failed: boom" in text
     assert (
-        "| picker's wait (ext_proc + lease) at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 0.30 ms, p99 1.20 ms | met |"
-        in text
+        "| picker's added TTFT (ext_proc + lease) at 1 stream ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.30 ms, p99 +3.00 ms "
+        "| met |" in text
     )
     assert (
-        "| Envoy + picker added TTFT vs the worker directly ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, p99 +3.50 ms "
-        "| MISSED |" in text
+        "| edge's added TTFT (Envoy + picker) vs the worker directly ≤ 1 ms p50, ≤ 3 ms p99 | p50 +0.50 ms, "
+        "p99 +3.50 ms | MISSED |" in text
     )
-    assert "| of it the picker (ext_proc + lease, Envoy's access log) | 0.30 | 0.60 | 1.20 |" in text
+    assert "| Envoy without the picker → worker | 5.20 | 6.40 | 7.50 |" in text
+    assert "| **added by the picker** (with it minus without it) | +0.30 | +0.60 | +3.00 |" in text
+    assert (
+        "| the picker's answer as Envoy waited for it (access log `picker_us`) | 0.60 | 0.80 | 1.20 |" in text
+    )
     assert "| llmesh REST via Envoy: zero failed requests | 0 | met |" in text
     made = plots.write_plots(results, tmp_path)
     assert {p.name for p in made} == {"throughput.png", "latency.png", "cpu.png"}
@@ -220,6 +226,7 @@ def test_quick_overhead_run_end_to_end(tmp_path: Path) -> None:
     overhead = results["overhead"]
     assert overhead["status"] == "ok", overhead
     assert overhead["direct"]["completed"] == overhead["via"]["completed"] == overhead["requests"]
+    assert overhead["envoy_without_picker"]["completed"] == overhead["requests"]
     # Every measured request's wait for the picker, from Envoy's access log.
     assert overhead["picker_wait_ms"]["count"] == overhead["requests"]
     assert 0 < overhead["picker_wait_ms"]["p50"] <= overhead["picker_wait_ms"]["p99"]
@@ -266,3 +273,41 @@ def test_soak_memory_tells_the_worker_process_from_its_engine() -> None:
     assert "| 2 | 1000 | 0 | 0 | 0 | 6,000 | 112.0 | 728.0 | 2,770.0 |" in text
     assert "worker-0 +0.2, worker-0 engine +211.0 (GROWING)" in text
     assert "flat RSS of every process | see above | MISSED |" in text
+
+
+def test_the_picker_free_edge_changes_only_the_inference_routes() -> None:
+    """The overhead bench's second Envoy: the picker off and the worker named on every route to the
+    workers cluster, every other route as `llmesh up` renders it."""
+    pytest.importorskip("llmesh.edge")
+    import yaml
+
+    from llmesh.bench.picker_free_edge import without_picker
+    from llmesh.edge.workers import DESTINATIONS_HEADER, EXT_PROC_FILTER, WORKERS_CLUSTER, inference_paths
+
+    rendered = Path(__file__).resolve().parents[2] / "envoy" / "rendered" / "local.yaml"
+    original = yaml.safe_load(rendered.read_text())
+    changed = yaml.safe_load(rendered.read_text())
+    to_workers = without_picker(changed, "127.0.0.1:9")
+    assert to_workers >= len(inference_paths())  # the RPCs, and the REST streaming routes
+
+    def routes(bootstrap: dict) -> list[dict]:
+        found = []
+        for listener in bootstrap["static_resources"]["listeners"]:
+            for chain in listener["filter_chains"]:
+                for network_filter in chain["filters"]:
+                    for host in (
+                        network_filter["typed_config"].get("route_config", {}).get("virtual_hosts", [])
+                    ):
+                        found += host["routes"]
+        return found
+
+    assert sum(r.get("route", {}).get("cluster") == WORKERS_CLUSTER for r in routes(original)) == to_workers
+    for before, after in zip(routes(original), routes(changed), strict=True):
+        if before.get("route", {}).get("cluster") != WORKERS_CLUSTER:
+            assert after == before
+            continue
+        assert after["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"] is True
+        assert after["request_headers_to_add"][0]["header"] == {
+            "key": DESTINATIONS_HEADER,
+            "value": "127.0.0.1:9",
+        }

@@ -3,14 +3,17 @@
 Registry, scheduler (Envoy's endpoint picker and EDS) and auth run as `llmesh serve` processes, Envoy
 as `llmesh up` starts it, and one worker whose engine is the ScriptedEngine **test double**
 (`llmesh.bench.scripted_worker`, benchmarks and tests only, never a serving engine): it emits tokens
-at a fixed rate per stream, so what differs between the two paths is the platform alone.
+at a fixed rate per stream, so what differs between the paths is the platform alone.
 
 The same native gRPC client (`ModelService.StreamChatCompletion`, one stream) calls the worker
-directly, and through Envoy (the picker's ext_proc round trip and lease, the route to the picked
-worker; auth is off, its check has its own target). The paths alternate in blocks, so drift on a
-shared machine hits both alike; the difference of the TTFT percentiles is what Envoy + picker add.
-The picker's share is what Envoy's access log says each measured request waited for the picker's
-answer (`picker_us`: ext_proc headers and body out, the one answer with the lease back).
+three ways: directly; through a second Envoy with the same bootstrap but the picker taken out of
+the inference routes (`llmesh.bench.picker_free_edge`, bench only); and through the real edge (the
+picker's ext_proc exchange and lease, then the route to the picked worker; auth is off, its check
+has its own target). The paths alternate in blocks, so drift on a shared machine hits all alike.
+With picker minus without is what the picker adds to TTFT; with picker minus directly is what the
+whole edge adds. Envoy's access log gives a third view: how long each measured request waited for
+the picker's answer (`picker_us`), which includes the part of the exchange that overlaps the
+client's own sending of its message.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
+from llmesh.bench.picker_free_edge import PickerFreeEnvoy
 from llmesh.bench.procs import ChildProcess, ProcessMeter
 from llmesh.bench.run import say
 from llmesh.bench.settings import BenchSettings
@@ -93,6 +97,13 @@ def _start_control_plane(run_dir: Path, config: Path) -> tuple[Any, dict[str, st
     return stack, addresses
 
 
+def _edge_settings(stack: Any, config: Path) -> Any:
+    from llmesh.common.config import load_config
+    from llmesh.edge.supervise import stack_settings
+
+    return stack_settings(stack, load_config(config))
+
+
 def _start_envoy(stack: Any, config: Path) -> str:
     from llmesh.common.config import load_config
     from llmesh.edge.supervise import start_envoy_child
@@ -118,6 +129,10 @@ async def _picker_waits_ms(envoy_log: Path, count: int) -> dict[str, float]:
     return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "count": float(len(waits))}
 
 
+def _quantile_gaps(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, float]:
+    return {q: slow["ttft_ms"][q] - fast["ttft_ms"][q] for q in ("p50", "p90", "p99")}
+
+
 async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
     ov = settings.overhead
     config = write_llmesh_config(
@@ -125,18 +140,31 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
     )
     stack: Any = None
     worker: ChildProcess | None = None
+    picker_free: PickerFreeEnvoy | None = None
     clients: list[ModelStreamClient] = []
     try:
-        say("overhead: starting registry, scheduler, auth, a scripted-double worker, Envoy")
+        say(
+            "overhead: starting registry, scheduler, auth, a scripted-double worker, Envoy, Envoy without the picker"
+        )
         stack, addresses = await asyncio.to_thread(_start_control_plane, run_dir, config)
         worker, worker_address = await _start_scripted_worker(
             run_dir, addresses["registry"], MODEL, ov.tokens_per_second
         )
         envoy = await asyncio.to_thread(_start_envoy, stack, config)
-        direct = ModelStreamClient(worker_address, MODEL, ov.output_tokens, streams=1, timeout_s=60)
-        via = ModelStreamClient(envoy, MODEL, ov.output_tokens, streams=1, timeout_s=60)
-        clients += [direct, via]
-        for client in (direct, via):
+        picker_free = PickerFreeEnvoy(
+            _edge_settings(stack, config), run_dir / "run" / "envoy-without-picker", worker_address
+        )
+        await picker_free.start()
+        # The three paths, cheapest first: the worker, Envoy without the picker, the real edge.
+        paths = {
+            "direct": ModelStreamClient(worker_address, MODEL, ov.output_tokens, streams=1, timeout_s=60),
+            "envoy": ModelStreamClient(
+                picker_free.grpc_target, MODEL, ov.output_tokens, streams=1, timeout_s=60
+            ),
+            "via": ModelStreamClient(envoy, MODEL, ov.output_tokens, streams=1, timeout_s=60),
+        }
+        clients += paths.values()
+        for client in paths.values():
             failure = await wait_until_serving(client, PROMPT, timeout_s=60.0)
             if failure is not None:
                 raise RuntimeError(f"{client.address} never served a request: {failure}")
@@ -144,36 +172,36 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
         pids = {"worker": worker.pid, "client": os.getpid()}
         pids |= {c.name: c.process.pid for c in stack.children}
         meter = ProcessMeter(pids)
-        samples: dict[str, list[RequestSample]] = {"direct": [], "via": []}
-        durations = {"direct": 0.0, "via": 0.0}
-        cpu: dict[str, dict[str, float]] = {}
+        samples: dict[str, list[RequestSample]] = {name: [] for name in paths}
+        durations = dict.fromkeys(paths, 0.0)
+        cpu: dict[str, float] = {}
         done = 0
         while done < ov.requests:
             block = min(ov.block, ov.requests - done)
-            for name, client in (("direct", direct), ("via", via)):
+            for name, client in paths.items():
                 before = meter.snapshot()
                 run = await run_level(client, [PROMPT] * block, 1)
                 after = meter.snapshot()
                 samples[name] += run.samples
                 durations[name] += run.duration_s
                 for proc, entry in ProcessMeter.delta(before, after).items():
-                    key = f"{name}:{proc}"
-                    cpu[key] = {"cpu_s": cpu.get(key, {}).get("cpu_s", 0.0) + entry["cpu_s"]}
+                    cpu[f"{name}:{proc}"] = cpu.get(f"{name}:{proc}", 0.0) + entry["cpu_s"]
             done += block
-        direct_level = summarize(samples["direct"], durations["direct"])
-        via_level = summarize(samples["via"], durations["via"])
-        added = {q: via_level["ttft_ms"][q] - direct_level["ttft_ms"][q] for q in ("p50", "p90", "p99")}
-        picker = await _picker_waits_ms(run_dir / "logs" / "envoy.log", via_level["completed"])
+        levels = {name: summarize(samples[name], durations[name]) for name in paths}
+        added = _quantile_gaps(levels["via"], levels["direct"])
+        picker_added = _quantile_gaps(levels["via"], levels["envoy"])
+        picker = await _picker_waits_ms(run_dir / "logs" / "envoy.log", levels["via"]["completed"])
         per_request_us = {
-            proc: (cpu.get(f"via:{proc}", {}).get("cpu_s", 0.0)) / max(1, via_level["completed"]) * 1e6
+            proc: cpu.get(f"via:{proc}", 0.0) / max(1, levels["via"]["completed"]) * 1e6
             for proc in ("envoy", "scheduler", "auth")
         }
         say(
-            f"overhead: TTFT direct p50 {direct_level['ttft_ms']['p50']:.2f} ms p99 "
-            f"{direct_level['ttft_ms']['p99']:.2f} ms; through Envoy + picker p50 "
-            f"{via_level['ttft_ms']['p50']:.2f} ms p99 {via_level['ttft_ms']['p99']:.2f} ms; added p50 "
-            f"{added['p50']:+.2f} ms p99 {added['p99']:+.2f} ms; of it the picker (ext_proc + lease, "
-            f"Envoy's access log) p50 {picker['p50']:.2f} ms p99 {picker['p99']:.2f} ms"
+            f"overhead: TTFT p50 / p99 directly {levels['direct']['ttft_ms']['p50']:.2f} / "
+            f"{levels['direct']['ttft_ms']['p99']:.2f} ms, Envoy without the picker "
+            f"{levels['envoy']['ttft_ms']['p50']:.2f} / {levels['envoy']['ttft_ms']['p99']:.2f} ms, Envoy + "
+            f"picker {levels['via']['ttft_ms']['p50']:.2f} / {levels['via']['ttft_ms']['p99']:.2f} ms; the "
+            f"picker adds {picker_added['p50']:+.2f} / {picker_added['p99']:+.2f} ms (Envoy's access log: "
+            f"waits {picker['p50']:.2f} / {picker['p99']:.2f} ms)"
         )
         return {
             "status": "ok",
@@ -181,9 +209,11 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
             "output_tokens": ov.output_tokens,
             "requests": ov.requests,
             "block": ov.block,
-            "direct": direct_level,
-            "via": via_level,
+            "direct": levels["direct"],
+            "envoy_without_picker": levels["envoy"],
+            "via": levels["via"],
             "added_ttft_ms": added,
+            "picker_added_ttft_ms": picker_added,
             "picker_wait_ms": picker,
             "cpu_us_per_request_via": per_request_us,
         }
@@ -194,6 +224,8 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
         for opened in clients:
             await opened.aclose()
         say("overhead: stopping")
+        if picker_free is not None:
+            await picker_free.stop()
         if worker is not None:
             await asyncio.to_thread(worker.stop, 10.0)
         if stack is not None:

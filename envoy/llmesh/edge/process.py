@@ -133,13 +133,17 @@ class EnvoyProcess:
         """True while the process is alive."""
         return self._proc is not None and self._proc.returncode is None
 
+    def render(self) -> str:
+        """The bootstrap YAML this Envoy runs with."""
+        return render_yaml(self.settings)
+
     async def start(self) -> None:
         """Write the config, start Envoy and return once the listener accepts connections and
         admin `/ready` says LIVE. Raises EnvoyStartError (with Envoy's log) otherwise."""
         if self._proc is not None:
             raise RuntimeError("this EnvoyProcess was already started")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(render_yaml(self.settings), encoding="utf-8")
+        self.config_path.write_text(self.render(), encoding="utf-8")
         self._admin_address_path.unlink(missing_ok=True)
         args = envoy_argv(
             self._envoy_bin or find_envoy(),
