@@ -116,7 +116,7 @@ def test_from_config_follows_llmesh_config(envoy_bin: Path, descriptor_path: Pat
     path.write_text(
         yaml.safe_dump(
             {
-                "server": {"envoy_port": 18081, "envoy_admin_port": 19902},
+                "server": {"envoy_port": 18081, "envoy_admin_port": 19902, "envoy_worker_threads": 3},
                 "endpoints": {"registry": "registry.internal:7002"},
                 "scheduler": {"max_queue_wait_seconds": 12},
             }
@@ -125,6 +125,7 @@ def test_from_config_follows_llmesh_config(envoy_bin: Path, descriptor_path: Pat
     cfg = load_config(path, env={"LLMESH_SERVER__MAX_REQUEST_BYTES": "2097152"})
     settings = EdgeSettings.from_config(cfg, descriptor_path)
     assert (settings.listen_port, settings.admin_port) == (18081, 19902)
+    assert settings.worker_thread_count() == 3
     assert not hasattr(settings, "gateway")
     assert settings.registry == "registry.internal:7002"
     # Envoy waits for the picker longer than the picker may queue a request.
@@ -155,11 +156,24 @@ def test_admin_stays_on_loopback() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("registry", "no-port"), ("auth", "host:99999"), ("scheduler", ":50051"), ("listen_port", 70000)],
+    [
+        ("registry", "no-port"),
+        ("auth", "host:99999"),
+        ("scheduler", ":50051"),
+        ("listen_port", 70000),
+        ("worker_threads", -1),
+    ],
 )
 def test_bad_settings_are_rejected(field: str, value: object) -> None:
     with pytest.raises(EdgeSettingsError, match=field):
         EdgeSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_worker_threads_default_to_one_per_four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, threads in ((1, 1), (2, 1), (7, 1), (8, 2), (64, 16)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert EdgeSettings().worker_thread_count() == threads
+    assert EdgeSettings(worker_threads=5).worker_thread_count() == 5
 
 
 def http2(cluster: dict[str, Any]) -> bool:

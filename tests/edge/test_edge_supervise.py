@@ -18,7 +18,7 @@ pytestmark = pytest.mark.envoy
 
 
 def stack_config() -> LlmeshConfig:
-    return LlmeshConfig(server=ServerConfig(envoy_port=0, envoy_admin_port=0))
+    return LlmeshConfig(server=ServerConfig(envoy_port=0, envoy_admin_port=0, envoy_worker_threads=3))
 
 
 async def test_envoy_joins_the_stack_and_stops_with_it(
@@ -40,6 +40,10 @@ async def test_envoy_joins_the_stack_and_stops_with_it(
             return response.status_code == 200 and response.json()["data"][0]["id"] == "tiny"
 
         await wait_until(serves, timeout_s=15)
+        # It runs with the configured worker threads (Envoy's --concurrency).
+        async with httpx.AsyncClient(timeout=10) as client:
+            info = (await client.get(f"http://127.0.0.1:{child.info['admin_port']}/server_info")).json()
+        assert info["command_line_options"]["concurrency"] == 3
         # Its access log (stdout) lands in the stack's logs.
         await wait_until(lambda: _contains(stack.run_dir / "logs" / "envoy.log", '"path":"/v1/models"'))
     finally:

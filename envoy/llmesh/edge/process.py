@@ -34,7 +34,7 @@ def envoy_argv(
     admin_address_path: Path,
     log_path: Path | None,
     log_level: str = "warn",
-    concurrency: int = 2,
+    concurrency: int,
 ) -> list[str]:
     """The Envoy command line llmesh runs its edge with."""
     argv = [
@@ -90,7 +90,7 @@ class EnvoyProcess:
         *,
         envoy_bin: Path | None = None,
         log_level: str = "warn",
-        concurrency: int = 2,
+        concurrency: int | None = None,
         startup_timeout_s: float = 30.0,
     ) -> None:
         descriptor = Path(settings.descriptor_path)
@@ -102,7 +102,8 @@ class EnvoyProcess:
         self._admin_address_path = run_dir / "admin-address.txt"
         self._envoy_bin = envoy_bin
         self._log_level = log_level
-        self._concurrency = concurrency
+        # Worker threads: the settings' count unless the caller names one.
+        self._concurrency = concurrency or self.settings.worker_thread_count()
         self._startup_timeout_s = startup_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self.port: int = settings.listen_port

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,6 +143,9 @@ class EdgeSettings:
     worker_eject_seconds: float = 10.0
     # Every public request is checked by AuthService (Envoy ext_authz) when true.
     auth_enabled: bool = False
+    # Envoy's worker threads (--concurrency); 0: one per four CPU cores, at least one
+    # (`worker_thread_count`).
+    worker_threads: int = 0
     # Envoy's node id and cluster, shown in its admin interface and logs.
     node_id: str = "llmesh-edge"
     # OTLP/gRPC collector ("host:port") Envoy exports its request spans to; empty: no tracing.
@@ -183,10 +187,16 @@ class EdgeSettings:
             raise EdgeSettingsError("worker_retries must be >= 0 and worker_eject_after_failures >= 1")
         if self.health_check_unhealthy_threshold < 1:
             raise EdgeSettingsError("health_check_unhealthy_threshold: must be >= 1")
+        if self.worker_threads < 0:
+            raise EdgeSettingsError(f"worker_threads: {self.worker_threads} is negative (0 picks a count)")
         if self.connect_timeout_s <= 0:
             raise EdgeSettingsError("connect_timeout_s: must be positive")
         if self.otlp_endpoint:
             Endpoint.parse(self.otlp_endpoint, "otlp_endpoint")
+
+    def worker_thread_count(self) -> int:
+        """The Envoy worker threads to start: `worker_threads`, or one per four CPU cores."""
+        return self.worker_threads or max(1, (os.cpu_count() or 1) // 4)
 
     def upstream(self, service: str) -> Endpoint:
         """The parsed address of `service` (registry, auth, scheduler)."""
@@ -202,6 +212,7 @@ class EdgeSettings:
             listen_host=server.public_host or server.host,
             listen_port=server.envoy_port,
             admin_port=server.envoy_admin_port,
+            worker_threads=server.envoy_worker_threads,
             max_request_bytes=server.max_request_bytes,
             descriptor_path=str(descriptor_path),
             picker_timeout_s=cfg.scheduler.max_queue_wait_seconds + 5.0,

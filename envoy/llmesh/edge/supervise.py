@@ -69,7 +69,11 @@ def start_envoy_child(
     ready_file.unlink(missing_ok=True)
     log_file = stack.run_dir / "logs" / "envoy.log"
     argv = envoy_argv(
-        envoy_bin or find_envoy(), config_path, admin_address_path=admin_address_path, log_path=None
+        envoy_bin or find_envoy(),
+        config_path,
+        admin_address_path=admin_address_path,
+        log_path=None,
+        concurrency=settings.worker_thread_count(),
     )
     with log_file.open("ab") as log:
         # The stack's session, like every child (Stack.spawn): nice values only rank within one.
