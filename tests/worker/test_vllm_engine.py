@@ -74,6 +74,8 @@ def events(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def test_starts_and_lists_the_model(events: dict[str, Any]) -> None:
     assert events["started"]["models"] == [{"name": "tiny", "max_model_len": 512, "engine": "vllm"}]
+    # vLLM's settings are read from the environment once, not at every engine step.
+    assert events["started"]["envs_cached"] is True
 
 
 def test_streams_deltas_with_usage(events: dict[str, Any]) -> None:

@@ -61,6 +61,7 @@ async def main(model_dir: Path, multiproc_method: str) -> None:
         )
     )
     await engine.start()
+    from vllm import envs
     from vllm.platforms import current_platform
 
     emit(
@@ -68,6 +69,7 @@ async def main(model_dir: Path, multiproc_method: str) -> None:
         seconds=engine.start_seconds,
         models=[asdict(m) for m in engine.models()],
         platform=current_platform.device_type,
+        envs_cached=envs._is_envs_cache_enabled(),
     )
 
     chat = GenerationInput.messages([ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!")])
