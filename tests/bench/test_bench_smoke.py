@@ -311,3 +311,9 @@ def test_the_picker_free_edge_changes_only_the_inference_routes() -> None:
             "key": DESTINATIONS_HEADER,
             "value": "127.0.0.1:9",
         }
+
+
+def test_no_tpot_ratio_against_a_burst() -> None:
+    # vLLM's server starved of CPU sends a whole answer at once: TPOT p50 ~0, no pace to compare.
+    assert report._tpot_ratio(2.46, 0.004) is None
+    assert report._tpot_ratio(5.0, 2.5) == 2.0
