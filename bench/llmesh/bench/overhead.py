@@ -12,8 +12,7 @@ picker's ext_proc exchange and lease, then the route to the picked worker; auth 
 has its own target). The paths alternate in blocks, so drift on a shared machine hits all alike.
 With picker minus without is what the picker adds to TTFT; with picker minus directly is what the
 whole edge adds. Envoy's access log gives a third view: how long each measured request waited for
-the picker's answer (`picker_us`), which includes the part of the exchange that overlaps the
-client's own sending of its message.
+the picker's answer (`picker_us`).
 """
 
 from __future__ import annotations
