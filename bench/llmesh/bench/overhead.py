@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from llmesh.bench.picker_free_edge import PickerFreeEnvoy
 from llmesh.bench.procs import ChildProcess, ProcessMeter
 from llmesh.bench.run import say
 from llmesh.bench.settings import BenchSettings
-from llmesh.bench.stats import RequestSample, summarize
+from llmesh.bench.stats import PERCENTILES, RequestSample, percentile, summarize
 from llmesh.bench.targets import write_llmesh_config
 
 MODEL = "scripted-fixed"
@@ -96,18 +95,13 @@ def _start_control_plane(run_dir: Path, config: Path) -> tuple[Any, dict[str, st
     return stack, addresses
 
 
-def _edge_settings(stack: Any, config: Path) -> Any:
+def _start_envoy(stack: Any, config: Path) -> tuple[str, Any]:
+    """The edge as `llmesh up` starts it, and its settings (the picker-free Envoy reuses them)."""
     from llmesh.common.config import load_config
-    from llmesh.edge.supervise import stack_settings
+    from llmesh.edge.supervise import stack_settings, start_envoy_child
 
-    return stack_settings(stack, load_config(config))
-
-
-def _start_envoy(stack: Any, config: Path) -> str:
-    from llmesh.common.config import load_config
-    from llmesh.edge.supervise import start_envoy_child
-
-    return start_envoy_child(stack, load_config(config))
+    cfg = load_config(config)
+    return start_envoy_child(stack, cfg), stack_settings(stack, cfg)
 
 
 async def _picker_waits_ms(envoy_log: Path, count: int) -> dict[str, float]:
@@ -124,8 +118,7 @@ async def _picker_waits_ms(envoy_log: Path, count: int) -> dict[str, float]:
     waits = waits[-count:]
     if len(waits) < count:
         raise RuntimeError(f"Envoy's access log has {len(waits)} picker timings, expected {count}")
-    cuts = statistics.quantiles(waits, n=100, method="inclusive")
-    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "count": float(len(waits))}
+    return {**{f"p{q}": percentile(waits, q) for q in PERCENTILES}, "count": float(len(waits))}
 
 
 def _quantile_gaps(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, float]:
@@ -149,10 +142,8 @@ async def run_overhead(settings: BenchSettings, run_dir: Path) -> dict[str, Any]
         worker, worker_address = await _start_scripted_worker(
             run_dir, addresses["registry"], MODEL, ov.tokens_per_second
         )
-        envoy = await asyncio.to_thread(_start_envoy, stack, config)
-        picker_free = PickerFreeEnvoy(
-            _edge_settings(stack, config), run_dir / "run" / "envoy-without-picker", worker_address
-        )
+        envoy, edge_settings = await asyncio.to_thread(_start_envoy, stack, config)
+        picker_free = PickerFreeEnvoy(edge_settings, run_dir / "run" / "envoy-without-picker", worker_address)
         await picker_free.start()
         # The three paths, cheapest first: the worker, Envoy without the picker, the real edge.
         paths = {
