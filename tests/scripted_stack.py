@@ -63,6 +63,18 @@ class ScriptedStack:
         status = await self.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
         return sum(w.active_leases for w in status.workers)
 
+    async def until_queued(self, count: int, model: str = MODEL.name, timeout_s: float = 10.0) -> None:
+        """Until `count` requests for `model` wait in the picker's queue (a request sent is not yet
+        queued: it passes Envoy and AuthService first, and a loaded host can take a while)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = await self.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
+            waiting = {q.model: q.waiting for q in status.queues}
+            if waiting.get(model, 0) >= count:
+                return
+            assert time.monotonic() < deadline, f"{count} request(s) never queued for {model}: {status}"
+            await asyncio.sleep(0.05)
+
 
 async def _wait_for_workers(scheduler: sched_grpc.SchedulerServiceStub, count: int) -> None:
     for _ in range(200):

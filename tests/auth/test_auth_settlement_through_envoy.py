@@ -142,7 +142,7 @@ async def test_a_request_cancelled_while_it_queues_gives_its_slot_back(stack_fac
     assert not any(isinstance(b, grpc.StatusCode) for b in busy), busy
     queued = stack.models.StreamChatCompletion(chat(max_tokens=4, ignore_eos=True), metadata=bearer(key))
     waiting = asyncio.ensure_future(drain(queued))
-    await asyncio.sleep(1.0)
+    await stack.until_queued(1)
     assert not waiting.done(), "the request should be queued, not answered"
     assert not await admitted_by_check(stack, key)  # it holds the key's slot while it queues
     queued.cancel()

@@ -169,7 +169,7 @@ async def test_a_request_cancelled_while_it_queues_counts_as_cancelled(stack_fac
             await call.read()  # streaming: the worker is full
         queued = stack.models.StreamChatCompletion(chat(max_tokens=4, ignore_eos=True))
         waiting = asyncio.ensure_future(queued.read())
-        await asyncio.sleep(1.0)
+        await stack.until_queued(1)
         assert not waiting.done(), "the request should wait in the picker's queue"
         assert _model(await _summary(client, ""), MODEL.name)["waiting"] == 1
         queued.cancel()
