@@ -74,12 +74,15 @@ def edge_settings(
 ) -> EdgeSettings:
     """Settings for a test Envoy: kernel-chosen ports, frequent health checks. The checks keep
     the edge's lenient timeout: the stand-ins answer on the tests' event loop, which a loaded
-    machine may hold up for a while."""
+    machine may hold up for a while. Tests whose scheduler is a closed port would wait Envoy's
+    whole initial EDS fetch timeout (15 s) before it serves; 2 s leaves a stand-in scheduler time to
+    answer on a loaded machine."""
     return EdgeSettings(
         listen_port=0,
         admin_port=0,
         descriptor_path=str(descriptor),
         access_log_path=str(access_log) if access_log else "",
         health_check_interval_s=0.5,
+        workers_initial_fetch_timeout_s=2.0,
         **addresses,
     )

@@ -162,6 +162,7 @@ def test_admin_stays_on_loopback() -> None:
         ("scheduler", ":50051"),
         ("listen_port", 70000),
         ("worker_threads", -1),
+        ("workers_initial_fetch_timeout_s", 0),
     ],
 )
 def test_bad_settings_are_rejected(field: str, value: object) -> None:
@@ -213,6 +214,11 @@ def test_workers_cluster_is_eds_with_override_host_and_outlier_detection() -> No
     assert eds["service_name"] == WORKERS_CLUSTER
     (source,) = eds["eds_config"]["api_config_source"]["grpc_services"]
     assert source == {"envoy_grpc": {"cluster_name": "scheduler"}}  # the scheduler answers EDS
+    assert eds["eds_config"]["initial_fetch_timeout"] == "15s"
+    # With the scheduler down Envoy serves after this long (the catalog needs no workers).
+    short = yaml.safe_load(render_yaml(EdgeSettings(workers_initial_fetch_timeout_s=2.5)))
+    eds = clusters(short)[WORKERS_CLUSTER]["eds_cluster_config"]
+    assert eds["eds_config"]["initial_fetch_timeout"] == "2.500s"
     (policy,) = workers["load_balancing_policy"]["policies"]
     override = policy["typed_extension_config"]
     assert override["name"] == "envoy.load_balancing_policies.override_host"

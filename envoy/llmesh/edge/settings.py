@@ -123,7 +123,6 @@ class EdgeSettings:
     # A stream with no bytes either way for this long is reset. Generous: a unary chat completion
     # of a long answer sends nothing until it is done. Streams that carry tokens never hit it.
     stream_idle_timeout_s: float = 900.0
-    # Active gRPC health checks of every upstream.
     # Active gRPC health checks of the control-plane services: generous enough that a busy but
     # live process passes (a failed check ejects the only replica), frequent enough to notice a
     # restart within seconds. Workers are not actively checked: EDS says which are in the pool and
@@ -132,6 +131,10 @@ class EdgeSettings:
     health_check_timeout_s: float = 5.0
     health_check_unhealthy_threshold: int = 3
     connect_timeout_s: float = 2.0
+    # How long Envoy waits at start for the scheduler's first list of workers (EDS) before it
+    # serves anyway: with the scheduler down, the catalog and auth routes answer after this long and
+    # inference answers 503 until the list arrives.
+    workers_initial_fetch_timeout_s: float = 15.0
     # How long Envoy waits for the endpoint picker's answer: it may queue a request for capacity up
     # to the scheduler's max queue wait, so this must exceed that.
     picker_timeout_s: float = 35.0
@@ -180,6 +183,7 @@ class EdgeSettings:
             "health_check_timeout_s",
             "picker_timeout_s",
             "worker_eject_seconds",
+            "workers_initial_fetch_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise EdgeSettingsError(f"{name}: must be positive")

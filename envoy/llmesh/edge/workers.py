@@ -191,7 +191,7 @@ def workers_cluster(settings: EdgeSettings) -> Cluster:
             set_node_on_first_message_only=True,
         ),
         resource_api_version=ApiVersion.V3,
-        initial_fetch_timeout=_seconds(15),
+        initial_fetch_timeout=_seconds(settings.workers_initial_fetch_timeout_s),
     )
     override = OverrideHost(
         override_host_sources=[OverrideHostOverrideHostSource(header=DESTINATIONS_HEADER)],
