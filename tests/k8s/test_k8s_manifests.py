@@ -148,6 +148,29 @@ def test_every_container_is_locked_down_and_sized(overlay: str) -> None:
     assert not problems, "\n".join(problems)
 
 
+def _cpus(quantity: str) -> int:
+    """A CPU quantity ("2", "500m") as whole CPUs, rounded up."""
+    millis = int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+    return max(1, -(-millis // 1000))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_envoy_runs_as_many_worker_threads_as_its_cpu_limit(overlay: str) -> None:
+    # Envoy's default is a worker thread per CPU of the node, whatever the container may use.
+    found = []
+    for workload in workloads(overlay):
+        for _, container in containers(pod_spec(workload)):
+            if "llmesh/envoy" not in container.get("image", ""):
+                continue
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            args = container.get("args", [])
+            assert "--concurrency" in args, f"{where}: no --concurrency"
+            threads = int(args[args.index("--concurrency") + 1])
+            assert threads == _cpus(container["resources"]["limits"]["cpu"]), where
+            found.append(where)
+    assert {"edge/envoy", "workers/envoy"} <= set(found)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_writable_path_is_an_empty_dir_or_a_volume(overlay: str) -> None:
     for workload in workloads(overlay):
