@@ -73,3 +73,7 @@ def test_refusals_say_why(stack: Stack) -> None:
     while worker_id in {c.name for c in stack.children}:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    # Once it has exited too: a repeated StopWorker (a retried RPC) finds it stopped, not unknown.
+    assert supervisor.stop_worker(worker_id, "other", 10) == "other"
+    with pytest.raises(FailedPrecondition, match="serves model 'other', not 'broken'"):
+        supervisor.stop_worker(worker_id, "broken", 0)

@@ -54,6 +54,8 @@ class WorkerSupervisor:
         self._taken: set[str] = set()
         # Which model each worker serves: the config's workers now, started ones as they come.
         self._models: dict[str, str] = {}
+        # Workers a stop was asked for: stopping one again is a no-op, also once it has exited.
+        self._stopped: set[str] = set()
         for entry in cfg.workers:
             names = entry.models or tuple(m.name for m in cfg.models)
             if len(names) == 1:
@@ -86,11 +88,14 @@ class WorkerSupervisor:
         return worker_id
 
     def stop_worker(self, worker_id: str, model: str, drain_timeout_s: float) -> str:
-        """SIGTERM a worker child (idempotent while it stops); returns the model it serves."""
+        """SIGTERM a worker child (idempotent: while it stops and after it stopped); returns the
+        model it serves."""
         try:
             child = self._stack.child(worker_id)
         except KeyError:
             child = None
+        if child is None and worker_id in self._stopped:
+            return self._check_model(worker_id, model)
         if child is None or child.kind != "worker":
             with self._stack.lock:
                 running = sorted(c.name for c in self._stack.children if c.kind == "worker")
@@ -98,16 +103,22 @@ class WorkerSupervisor:
                 f"worker {worker_id!r} is not a process this supervisor runs (workers it runs: {running}); "
                 "a worker started elsewhere is stopped where it runs (or drained with DrainWorker)"
             )
-        served = self._models.get(worker_id, "")
-        if model and served and model != served:
-            raise FailedPrecondition(f"worker {worker_id!r} serves model {served!r}, not {model!r}")
+        served = self._check_model(worker_id, model)
         if not child.stopping:
             child.stopping = True
+            self._stopped.add(worker_id)
             timeout = drain_timeout_s or STOP_TIMEOUT_S
             threading.Thread(
                 target=self._stop, args=(child, timeout), name=f"stop-{worker_id}", daemon=True
             ).start()
             log.info("worker stopping", extra={"worker_id": worker_id, "drain_timeout_s": timeout})
+        return served
+
+    def _check_model(self, worker_id: str, model: str) -> str:
+        """The model the worker serves; FailedPrecondition when the caller named another."""
+        served = self._models.get(worker_id, "")
+        if model and served and model != served:
+            raise FailedPrecondition(f"worker {worker_id!r} serves model {served!r}, not {model!r}")
         return served
 
     def _fresh_id(self, model: str) -> str:
