@@ -115,6 +115,22 @@ async def test_length_stop_strings_and_seeds(gemma: LlamaCppEngine) -> None:
     assert seeded[0] == seeded[1]
 
 
+async def test_ignore_eos_runs_a_chat_answer_past_its_end_to_max_tokens(gemma: LlamaCppEngine) -> None:
+    # The transcript ends an answer at its first line; ignore_eos goes on to max_tokens, as vLLM goes
+    # on past a chat model's end-of-turn token. A caller's own stop string still stops it.
+    inp = GenerationInput.messages([ChatMessage("user", "What is the capital of France?")])
+    answer = await collect(gemma, request("one-line", inp, temperature=0.0, max_tokens=40))
+    assert answer[-1].choices[0].finish_reason == "stop" and answer[-1].completion_tokens < 40
+    assert "\n" not in text_of(answer)
+    forced = await collect(gemma, request("forced", inp, temperature=0.0, max_tokens=40, ignore_eos=True))
+    assert (forced[-1].completion_tokens, forced[-1].choices[0].finish_reason) == (40, "length")
+    assert text_of(forced).startswith(text_of(answer)) and "\n" in text_of(forced)
+    cut = await collect(
+        gemma, request("cut", inp, temperature=0.0, max_tokens=40, ignore_eos=True, stop=("\n",))
+    )
+    assert text_of(cut) == text_of(answer) and cut[-1].choices[0].stop_reason == "\n"
+
+
 async def test_cancel_stops_generation_within_a_token(gemma: LlamaCppEngine) -> None:
     inp = GenerationInput.text("Once upon a time")
     stream = gemma.generate(request("cancel", inp, max_tokens=1000, ignore_eos=True))

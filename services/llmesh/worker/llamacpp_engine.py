@@ -300,11 +300,18 @@ class LlamaCppEngine:
 
             vocab = llm._model.vocab
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
-            stops = StopMatcher(s.stop, s.include_stop_str_in_output, hidden=answer_ends)
             # A transcript answer follows "Assistant:"; its first space is the format's, not the answer's.
             leading = bool(answer_ends)
+            # ignore_eos runs to max_tokens past every end-of-answer mark, as vLLM runs past the
+            # end-of-turn ids of a generation config: the format's stop tokens and texts are the EOS
+            # of a chat here. The caller's own stop strings and token ids still apply.
+            if s.ignore_eos:
+                answer_ends, format_stop_ids = (), frozenset[int]()
+            else:
+                format_stop_ids = self._stop_ids
+            stops = StopMatcher(s.stop, s.include_stop_str_in_output, hidden=answer_ends)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stop_ids = self._stop_ids | set(s.stop_token_ids)
+            stop_ids = format_stop_ids | set(s.stop_token_ids)
             produced: list[int] = []
             for token in llm.generate(prompt_ids, **self._sampler_args(s)):
                 if cancel.is_set():  # at most this one token was decoded after the cancel
