@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmesh.cli.stack import Stack
+from llmesh.cli.up import keep_stack_off_engine_cpus
 from tests.scripted_stack import stack_factory  # noqa: F401 - shared fixture
 from tests.support import (
     IN_CI,
@@ -76,6 +77,7 @@ def vllm_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         for child in workers:
             stack.wait_ready(child)
         edge = start_edge(stack, config)
+        keep_stack_off_engine_cpus(stack, workers)  # as llmesh up does
         yield VllmStack(
             stack=stack,
             model=MODEL_NAME,

@@ -132,6 +132,28 @@ def test_engine_processes_run_below_the_data_plane(vllm_stack: VllmStack) -> Non
     assert os.getpriority(os.PRIO_PROCESS, envoy) == 0
 
 
+def test_the_data_plane_stays_off_the_cpus_the_engines_compute_on(vllm_stack: VllmStack) -> None:
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip(f"vLLM binds its computation to every CPU when there is one ({sorted(cpus)})")
+    compute: set[int] = set()
+    for child in vllm_stack.stack.children:
+        if child.kind != "worker":
+            continue
+        # vLLM's CPU backend binds its model-computing process to all CPUs but the reserved ones;
+        # the worker reports them, and it and the rest of its engine (the engine core) moved off.
+        bound = set(child.info["engine_cpus"])  # type: ignore[call-overload]
+        assert bound and bound < cpus, f"{child.name} reports engine CPUs {sorted(bound)}"
+        engine = psutil.Process(child.process.pid).children(recursive=True)
+        computing = [p for p in engine if os.sched_getaffinity(p.pid) == bound]
+        assert {p.name() for p in computing} == {"VLLM::Worker"}
+        for process in [psutil.Process(child.process.pid), *(p for p in engine if p not in computing)]:
+            assert {cpu for t in process.threads() for cpu in os.sched_getaffinity(t.id)} == cpus - bound
+        compute |= bound
+    for name in ("envoy", "scheduler", "registry", "auth"):
+        assert os.sched_getaffinity(vllm_stack.stack.child(name).process.pid) == cpus - compute, name
+
+
 async def test_client_cancel_aborts_the_engine_request_and_releases_the_lease(vllm_stack: VllmStack) -> None:
     # An OpenAI-style client that stops reading and closes its connection after two chunks. (A
     # grpc-python client's cancel is covered on the in-process stack: its RST can trail its reads.)

@@ -11,13 +11,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import yaml
 
 from llmesh.cli.certs import write_bundle
-from llmesh.cli.stack import Stack, StackError
+from llmesh.cli.stack import Child, Stack, StackError
 from llmesh.cli.supervisor import serve_supervisor
 from llmesh.common.config import LlmeshConfig, load_config
+from llmesh.common.cpu_placement import keep_off
 
 TINY_MODEL_NAME = "tiny-llama"
 EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
@@ -206,7 +208,24 @@ def start_stack(stack: Stack, cfg: LlmeshConfig, *, with_envoy: bool) -> list[tu
 
         address = start_envoy_child(stack, cfg)
         endpoints.insert(0, ("envoy (public: REST + gRPC)", address))
+    if server.isolate_engine_cpus:
+        keep_stack_off_engine_cpus(stack, workers)
     return endpoints
+
+
+def keep_stack_off_engine_cpus(stack: Stack, workers: list[Child]) -> None:
+    """Confine the stack's other processes (Envoy, registry, scheduler, auth) to the CPUs the
+    workers' engines left free; each worker has already moved itself and its engine core."""
+    compute: set[int] = set()
+    for child in workers:
+        compute.update(cast(list[int], child.info.get("engine_cpus", [])))
+    others = [child.process.pid for child in stack.children if child.kind != "worker"]
+    free = keep_off(frozenset(compute), others)
+    if free:
+        print(
+            f"engines compute on CPUs {sorted(compute)}; Envoy and the services run on {sorted(free)}",
+            flush=True,
+        )
 
 
 def print_bootstrap(bootstrap: dict[str, str]) -> None:

@@ -46,6 +46,10 @@ class ServerConfig:
     # thread proxies several thousand tokens/s (llmesh bench: 2 cores, 1 thread vs 2: Envoy CPU per
     # token -15 %, throughput no lower).
     envoy_worker_threads: int = 0
+    # Keep llmesh's own processes (Envoy, the services, a worker's relay and its engine core) off
+    # the CPUs a vLLM CPU engine binds its model computation to (llmesh.common.cpu_placement): the
+    # niced model then never waits for the data plane (measured: README, Performance).
+    isolate_engine_cpus: bool = True
     # Largest request body any server accepts (the seed's 10 MB).
     max_request_bytes: int = 10 * 1024 * 1024
     # On SIGTERM: health turns NOT_SERVING (workers also leave the pool) and new requests are still

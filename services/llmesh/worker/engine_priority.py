@@ -6,7 +6,8 @@ worker's relay and the control plane queue behind it: measured on 2 cores, Envoy
 waited 0.7-1.2 s to run during a ~1 s stream, and tokens reached clients in bursts. With the
 engine's processes niced, the data plane runs the moment it has work; with idle cores, nothing
 changes. Nice is per thread on Linux: every thread of every descendant process is set, and threads
-they start later inherit it.
+they start later inherit it. Where the engine binds its computation to some of the CPUs (vLLM's
+CPU backend), the data plane also keeps off those (llmesh.common.cpu_placement).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 from grpc import aio
 
 from llmesh.common.config import LlmeshConfig, ModelConfig, WorkerConfig
+from llmesh.common.cpu_placement import keep_own_processes_off_engine_cpus
 from llmesh.common.errors import InvalidRequest
 from llmesh.common.metrics import serve_metrics
 from llmesh.common.server import RunningServer, serve_until_signal, start_server, write_ready_file
@@ -52,6 +53,8 @@ class WorkerServiceConfig:
     labels: dict[str, str] = field(default_factory=dict)
     # Where this process serves Prometheus `/metrics` ("host:port", port 0: any); "": nowhere.
     metrics_listen: str = ""
+    # Move this process and the engine's unbound processes off the CPUs the engine computes on.
+    isolate_engine_cpus: bool = True
 
     @classmethod
     def from_config(cls, cfg: LlmeshConfig, worker: WorkerConfig, *, listen: str) -> WorkerServiceConfig:
@@ -74,6 +77,7 @@ class WorkerServiceConfig:
             shutdown_grace_seconds=cfg.server.shutdown_grace_seconds,
             drain_delay_seconds=cfg.server.drain_delay_seconds,
             labels=dict(worker.labels),
+            isolate_engine_cpus=cfg.server.isolate_engine_cpus,
         )
 
 
@@ -182,5 +186,10 @@ async def serve_worker(config: WorkerServiceConfig, ready_file: Path | None = No
     # Before the engine loads, so a scrape already sees the process while it starts.
     metrics = serve_metrics(config.metrics_listen)
     running = await start_worker(config)
-    write_ready_file(ready_file, port=running.port, worker_id=config.worker_id, **metrics)
+    # Here, not in start_worker: only a worker's own process may move itself (tests run workers
+    # inside pytest). The supervisor keeps the rest of the stack off `engine_cpus` too.
+    engine_cpus = keep_own_processes_off_engine_cpus() if config.isolate_engine_cpus else frozenset()
+    write_ready_file(
+        ready_file, port=running.port, worker_id=config.worker_id, engine_cpus=sorted(engine_cpus), **metrics
+    )
     await serve_until_signal(running, config.shutdown_grace_seconds, config.drain_delay_seconds)
