@@ -317,3 +317,19 @@ def test_no_tpot_ratio_against_a_burst() -> None:
     # vLLM's server starved of CPU sends a whole answer at once: TPOT p50 ~0, no pace to compare.
     assert report._tpot_ratio(2.46, 0.004) is None
     assert report._tpot_ratio(5.0, 2.5) == 2.0
+
+
+def test_a_throughput_miss_under_one_percent_reads_as_such() -> None:
+    frontend = {"vllm_api_server": 0.3}
+    results = {
+        "meta": {"started": "now", "command": "llmesh bench", "machine": {"summary": "test"}},
+        "targets": {
+            "baseline": {"status": "ok", "frontend": list(frontend), "levels": [_level(64, 1717, frontend)]},
+            "rest": {"status": "ok", "frontend": ["worker"], "levels": [_level(64, 1710, {"worker": 0.3})]},
+        },
+    }
+    text = report.markdown(results)
+    assert (
+        "| REST via Envoy output tok/s at 64 streams ≥ 1.0x vllm serve | 0.996x (1,710 vs 1,717) | MISSED by 0.4% |"
+        in text
+    )
