@@ -198,9 +198,11 @@ async def run_all(settings: BenchSettings, results: dict[str, Any]) -> None:
     run_root = settings.out_dir / "run"
     results["targets"] = {}
     if settings.soak is not None:
-        from llmesh.bench.soak import run_soak
+        from llmesh.bench.soak import run_baseline_soak, run_soak
 
         results["soak"] = await run_soak(settings, run_root / "soak")
+        if settings.soak.path == "rest":  # vLLM's client: the same load fits vllm serve
+            results["soak"]["vllm_serve"] = await run_baseline_soak(settings, run_root / "soak-vllm-serve")
         return
     if settings.wants("baseline"):
         results["targets"]["baseline"] = await run_baseline(settings, run_root / "baseline")

@@ -21,6 +21,9 @@ from pathlib import Path
 import psutil
 
 MiB = 1024 * 1024
+# A process's RSS is flat across a soak when it grew by no more than max(8 MiB, 5 %).
+FLAT_TOLERANCE_MIB = 8.0
+FLAT_TOLERANCE_FRACTION = 0.05
 
 
 class ChildStartError(RuntimeError):

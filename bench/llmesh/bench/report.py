@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmesh.bench.procs import FLAT_TOLERANCE_FRACTION, FLAT_TOLERANCE_MIB
+
 TARGET_LABELS = {
     "baseline": "vllm serve",
     "baseline-nice": "vllm serve, engine at nice 10",
@@ -206,12 +208,7 @@ def _soak_section(soak: dict[str, Any]) -> list[str]:
         return lines
     memory = soak.get("memory", {})
     names = list(memory)
-    lines += [
-        "| round | ok | failed | Envoy 5xx | upstream 503 | output tok/s | "
-        + " | ".join(f"{PROCESS_LABELS.get(n, n)} RSS MiB" for n in names)
-        + " |",
-        "|--:|--:|--:|--:|--:|--:|" + "--:|" * len(names),
-    ]
+    lines += _rss_table_head(["round", "ok", "failed", "Envoy 5xx", "upstream 503", "output tok/s"], names)
     for i, r in enumerate(rounds):
         series = [memory[n]["rss_mib"] for n in names]
         lines.append(
@@ -222,7 +219,7 @@ def _soak_section(soak: dict[str, Any]) -> list[str]:
         )
     if memory:
         growth = ", ".join(
-            f"{PROCESS_LABELS.get(n, n)} {m['growth_mib']:+.1f}{'' if m['flat'] else ' (GROWING)'}"
+            f"{_process_label(n)} {m['growth_mib']:+.1f}{'' if m['flat'] else ' (GROWING)'}"
             for n, m in memory.items()
         )
         lines += [
@@ -232,7 +229,39 @@ def _soak_section(soak: dict[str, Any]) -> list[str]:
     examples = sorted({e for r in rounds for e in r.get("error_examples", [])})
     if examples:
         lines += ["", "Failures seen: " + "; ".join(examples[:5])]
-    return lines
+    return lines + _soak_reference(soak.get("vllm_serve"))
+
+
+def _rss_table_head(columns: list[str], names: list[str]) -> list[str]:
+    """A soak table's header: `columns`, then one RSS column per process in `names`."""
+    cells = [*columns, *(f"{_process_label(n)} RSS MiB" for n in names)]
+    return ["| " + " | ".join(cells) + " |", "|" + "--:|" * len(cells)]
+
+
+def _process_label(name: str) -> str:
+    """A process's label; `<name> engine` (its engine processes) labelled after it."""
+    base, engine = name.removesuffix(" engine"), name.endswith(" engine")
+    return PROCESS_LABELS.get(base, base) + (" engine" if engine else "")
+
+
+def _soak_reference(baseline: dict[str, Any] | None) -> list[str]:
+    """The same rounds against vllm serve: its API server's and its engine's RSS, for reference."""
+    if not baseline:
+        return []
+    lines = ["", f"The same rounds against `vllm serve` (status: {baseline.get('status')}):", ""]
+    memory = baseline.get("memory", {})
+    if not memory:
+        return lines
+    names = list(memory)
+    lines += _rss_table_head(["round", "ok", "failed", "output tok/s"], names)
+    for i, r in enumerate(baseline["rounds"]):
+        lines.append(
+            f"| {r['round']} | {r['completed']} | {r['failed']} | {_f(r['output_tokens_per_s'], 0)} | "
+            + " | ".join(_f(memory[n]["rss_mib"][i], 1) for n in names)
+            + " |"
+        )
+    growth = ", ".join(f"{_process_label(n)} {m['growth_mib']:+.1f}" for n, m in memory.items())
+    return [*lines, "", f"RSS growth first → last round (MiB): {growth}."]
 
 
 def target_checks(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -318,7 +347,30 @@ def target_checks(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         checks.append((f"soak {what}: zero 503s", str(n503), "met" if n503 == 0 else "MISSED"))
         checks.append((f"soak {what}: zero failures", str(failed), "met" if failed == 0 else "MISSED"))
         checks.append((f"soak {what}: flat RSS of every process", "see above", "met" if flat else "MISSED"))
+        engine = _engine_growth(soak.get("memory", {}))
+        reference = _engine_growth((soak.get("vllm_serve") or {}).get("memory", {}))
+        if engine is not None and reference is not None:
+            # Not a goal of its own: whether an engine that grows grows as vLLM's own server's does
+            # (beyond it by no more than the tolerance a flat series has).
+            (growth, first), (ref_growth, _) = engine, reference
+            within = growth - ref_growth <= max(FLAT_TOLERANCE_MIB, FLAT_TOLERANCE_FRACTION * first)
+            checks.append(
+                (
+                    f"(reference) soak {what}: engine RSS growth vs vllm serve's engine, same rounds",
+                    f"{growth:+.0f} vs {ref_growth:+.0f} MiB",
+                    "as vllm serve's" if within else "above vllm serve's",
+                )
+            )
     return checks
+
+
+def _engine_growth(memory: dict[str, Any]) -> tuple[float, float] | None:
+    """The engine series' (`<process> engine`) summed RSS growth and first-round RSS, in MiB; None
+    when there are none."""
+    engines = [m for name, m in memory.items() if name.endswith(" engine")]
+    if not engines:
+        return None
+    return sum(m["growth_mib"] for m in engines), sum(m["rss_mib"][0] for m in engines)
 
 
 def _latency_check(what: str, ms: dict[str, float]) -> tuple[str, str, str]:

@@ -7,6 +7,10 @@ failures are counted from its per-request errors), or native gRPC with ours. Env
 worker, `cluster.llmesh_workers.upstream_rq_503`) are read before and after each round. Memory is
 flat when every process's RSS after the last round is within max(8 MiB, 5 %) of its RSS after the
 first (the first round warms every cache and pool up).
+
+vLLM's engine processes grow under load whoever serves them, so a REST soak then runs the same rounds
+against `vllm serve` (same engine settings, same client): the report sets the growth of llmesh's
+engine beside that of vLLM's own server's engine, measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.bench.grpc_client import ModelStreamClient, run_level, wait_until_serving
-from llmesh.bench.procs import MiB, ProcessMeter
+from llmesh.bench.procs import FLAT_TOLERANCE_FRACTION, FLAT_TOLERANCE_MIB, MiB, ProcessMeter
 from llmesh.bench.run import say, vllm_load
 from llmesh.bench.settings import BenchSettings
 from llmesh.bench.stats import summarize, summarize_vllm
-from llmesh.bench.targets import LlmeshStack, envoy_stats, vllm_model_entry, write_llmesh_config
+from llmesh.bench.targets import (
+    BaselineServer,
+    LlmeshStack,
+    envoy_stats,
+    vllm_model_entry,
+    write_llmesh_config,
+)
 from llmesh.bench.vllm_client import run_vllm_bench, sample_prompts
 
 log = logging.getLogger(__name__)
 
-FLAT_TOLERANCE_MIB = 8.0
-FLAT_TOLERANCE_FRACTION = 0.05
 ENVOY_COUNTERS = ("http.llmesh_edge.downstream_rq_", "cluster.llmesh_workers.upstream_rq_")
 
 
@@ -63,6 +71,15 @@ def flatness(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if any(engine):
             out[f"{name} engine"] = _series_flatness(engine)
     return out
+
+
+def _done(result: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+    result["memory"] = flatness(rounds)
+    result["status"] = "ok"
+
+
+def _failed(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {str(error)[:1500]}"
 
 
 async def run_soak(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
@@ -132,15 +149,62 @@ async def run_soak(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
                 f"Envoy 5xx {entry['envoy_5xx']}, upstream 503 {entry['envoy_503']}; "
                 f"{entry['output_tokens_per_s']:.0f} tok/s; RSS MiB: {rss}"
             )
-        result["memory"] = flatness(rounds)
-        result["status"] = "ok"
+        _done(result, rounds)
     except Exception as error:
         log.exception("soak failed")
-        result["status"] = f"failed: {type(error).__name__}: {str(error)[:1500]}"
+        result["status"] = _failed(error)
     finally:
         if client is not None:
             await client.aclose()
         say("soak: stopping the stack")
         await asyncio.to_thread(stack.stop)
 
+    return result
+
+
+async def run_baseline_soak(settings: BenchSettings, run_dir: Path) -> dict[str, Any]:
+    """The soak's rounds against `vllm serve` with vLLM's client: RSS of its API server and of its
+    engine processes after each round (the reference for the engine's own growth)."""
+    soak = settings.soak
+    assert soak is not None
+    server = BaselineServer(settings.engine, run_dir)
+    rounds: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "concurrency": soak.concurrency,
+        "requests_per_round": soak.requests,
+        "rounds": rounds,
+    }
+    try:
+        say(f"soak: starting vllm serve; the same {soak.rounds} rounds against it")
+        await server.start()
+        meter = ProcessMeter({"vllm_api_server": server.pid})
+        load = dataclasses.replace(
+            vllm_load(settings, server.url, soak.concurrency), num_prompts=soak.requests
+        )
+        for index in range(soak.rounds):
+            level = summarize_vllm(
+                await run_vllm_bench(load, run_dir / "vllm-client", f"soak-round{index + 1}")
+            )
+            await asyncio.sleep(2.0)  # as for llmesh: the same settling time before measuring
+            entry = {
+                "round": index + 1,
+                "completed": level["completed"],
+                "failed": level["failed"],
+                "output_tokens_per_s": level["output_tokens_per_s"],
+                "rss": _rss_mib(meter),
+            }
+            rounds.append(entry)
+            rss = entry["rss"]["vllm_api_server"]
+            say(
+                f"soak vllm serve round {index + 1}/{soak.rounds}: {entry['completed']} ok, "
+                f"{entry['failed']} failed; {entry['output_tokens_per_s']:.0f} tok/s; RSS MiB: API server "
+                f"{rss['rss_mib']:.0f}, engine {rss['tree_rss_mib'] - rss['rss_mib']:.0f}"
+            )
+        _done(result, rounds)
+    except Exception as error:
+        log.exception("vllm serve soak failed")
+        result["status"] = _failed(error)
+    finally:
+        say("soak: stopping vllm serve")
+        await server.stop()
     return result
