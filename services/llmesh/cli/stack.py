@@ -26,6 +26,9 @@ DEFAULT_READY_TIMEOUT_S = 60.0
 # A stopping child drains first (a worker lets its streams finish: server.shutdown_grace_seconds,
 # 30 s by default), so give it that and some before SIGKILL.
 STOP_TIMEOUT_S = 45.0
+# A SIGKILLed process is gone within milliseconds. One that is not (stuck in the kernel) is reported
+# and left behind, so that stopping the rest of the stack does not hang on it.
+KILL_WAIT_S = 30.0
 
 
 class StackError(RuntimeError):
@@ -185,13 +188,29 @@ class Stack:
         """SIGKILL one child at once (crash tests)."""
         child = self.child(name)
         child.stopping = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.process.pid, signal.SIGKILL)
-        child.process.wait()
+        self._kill(child)
         self.forget(child)
 
     @staticmethod
-    def _terminate(child: Child, timeout_s: float) -> None:
+    def _kill(child: Child, wait_s: float = KILL_WAIT_S) -> None:
+        """SIGKILL the child's process group (vLLM's engine processes are a worker's children) and
+        the child itself (in case it left its group), then wait for it at most `wait_s`."""
+        pid = child.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            child.process.kill()
+        try:
+            child.process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            print(
+                f"llmesh: {child.name} (pid {pid}) has not exited {wait_s:g} s after SIGKILL; left behind",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @classmethod
+    def _terminate(cls, child: Child, timeout_s: float) -> None:
         if child.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -199,10 +218,7 @@ class Stack:
         try:
             child.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            # The whole group: vLLM's engine processes are children of the worker.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)
-            child.process.wait()
+            cls._kill(child)
 
     def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every child: workers first, together (each leaves the pool and lets its streams
