@@ -29,6 +29,7 @@ from llmesh.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from llmesh.worker.engine import Engine
 from llmesh.worker.scripted_engine import ScriptedEngine, ScriptedSettings
 from llmesh.worker.server import WorkerServiceConfig, start_worker
+from tests.scheduler.stack import until_status
 
 MODEL = ModelConfig(
     name="scripted-model",
@@ -66,23 +67,18 @@ class ScriptedStack:
     async def until_queued(self, count: int, model: str = MODEL.name, timeout_s: float = 10.0) -> None:
         """Until `count` requests for `model` wait in the picker's queue (a request sent is not yet
         queued: it passes Envoy and AuthService first, and a loaded host can take a while)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = await self.scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
-            waiting = {q.model: q.waiting for q in status.queues}
-            if waiting.get(model, 0) >= count:
-                return
-            assert time.monotonic() < deadline, f"{count} request(s) never queued for {model}: {status}"
-            await asyncio.sleep(0.05)
+        await until_status(
+            self.scheduler,
+            lambda status: sum(q.waiting for q in status.queues if q.model == model) >= count,
+            timeout_s,
+            f"{count} request(s) never queued for {model}",
+        )
 
 
 async def _wait_for_workers(scheduler: sched_grpc.SchedulerServiceStub, count: int) -> None:
-    for _ in range(200):
-        status = await scheduler.GetSchedulerStatus(sched_pb.GetSchedulerStatusRequest())
-        if len(status.workers) >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"scheduler never saw {count} workers")
+    await until_status(
+        scheduler, lambda s: len(s.workers) >= count, 4.0, f"scheduler never saw {count} workers"
+    )
 
 
 async def make_stack(

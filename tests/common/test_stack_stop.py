@@ -18,14 +18,16 @@ from llmesh.cli.stack import Child, Stack
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
 
 
-def _child(tmp_path: Path, code: str) -> Child:
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, process_group=0)
+def _stubborn_child(tmp_path: Path) -> Child:
+    """A child in a process group of its own, as the stack starts them, that ignores SIGTERM."""
+    argv = [sys.executable, "-c", IGNORES_SIGTERM]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, process_group=0)
     assert process.stdout is not None and process.stdout.readline().strip() == b"up"
     return Child("stubborn", "worker", process, tmp_path / "ready.json", tmp_path / "log")  # type: ignore[arg-type]
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Path) -> None:
-    child = _child(tmp_path, IGNORES_SIGTERM)
+    child = _stubborn_child(tmp_path)
     Stack._terminate(child, timeout_s=0.5)
     assert child.process.returncode == -signal.SIGKILL
 
@@ -34,7 +36,7 @@ def test_a_child_sigkill_does_not_end_is_reported_and_left_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A process stuck in the kernel outlives SIGKILL; stand in for one by letting no SIGKILL through.
-    child = _child(tmp_path, IGNORES_SIGTERM)
+    child = _stubborn_child(tmp_path)
     monkeypatch.setattr(os, "killpg", lambda pid, sig: None)
     monkeypatch.setattr(child.process, "kill", lambda: None)
     try:

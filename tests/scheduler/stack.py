@@ -43,10 +43,20 @@ class Stack:
         timeout: float = 2.0,
     ) -> scheduler_pb2.GetSchedulerStatusResponse:
         """Poll the scheduler's status until `predicate(status)` holds."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            status = await self.scheduler.GetSchedulerStatus(scheduler_pb2.GetSchedulerStatusRequest())
-            if predicate(status):
-                return status
-            assert asyncio.get_running_loop().time() < deadline, f"scheduler never got there: {status}"
-            await asyncio.sleep(0.02)
+        return await until_status(self.scheduler, predicate, timeout)
+
+
+async def until_status(
+    scheduler: scheduler_grpc.SchedulerServiceStub,
+    predicate: Callable[[scheduler_pb2.GetSchedulerStatusResponse], object],
+    timeout: float,
+    what: str = "scheduler never got there",
+) -> scheduler_pb2.GetSchedulerStatusResponse:
+    """Poll `scheduler`'s status until `predicate(status)` holds; fail with `what` after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status = await scheduler.GetSchedulerStatus(scheduler_pb2.GetSchedulerStatusRequest())
+        if predicate(status):
+            return status
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {status}"
+        await asyncio.sleep(0.02)
